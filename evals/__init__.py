@@ -1,0 +1,1 @@
+"""HumanEval-style evaluation harness. Installed as qgpt_code.evals."""

@@ -1,0 +1,1 @@
+"""Language server (pygls): inline completions and chat-driven edits. Installed as qgpt_code.lsp."""

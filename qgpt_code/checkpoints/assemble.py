@@ -1,0 +1,106 @@
+"""Turning named tensors from any checkpoint format into a `Transformer` on the target device.
+
+Each format module yields `(our_name, tensor, source_file)` in Meta naming; this module checks every
+name and shape against the architecture, converts each tensor to the runtime device and dtype one at a
+time, and assigns it into a model built on the meta device. The weights are thus allocated once, on the
+target device: host RAM holds at most one converted tensor beyond the (memory-mapped) files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from qgpt_code.config import ModelArgs
+from qgpt_code.errors import CheckpointError
+from qgpt_code.model import Transformer
+from qgpt_code.tokenizer import Tokenizer
+
+NamedTensors = Iterable[tuple[str, torch.Tensor, Path]]  # (our name, tensor, file it came from)
+Progress = Callable[[int, int], None]  # (tensors done, tensors in all)
+
+
+@dataclass
+class ModelInfo:
+    """What a checkpoint is, for listings, prompt formats and error messages."""
+
+    path: Path
+    format: str  # "meta" | "hf" | "gguf"
+    args: ModelArgs
+    name: str
+    quantization: str | None = None  # e.g. "Q4_1" for GGUF; None: plain floats
+    chat_format: str = "llama2"  # "llama2" ([INST] dialogs) or "template" (chat_template below)
+    chat_template: str | None = None
+    metadata: dict = field(default_factory=dict)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with the tokenizer that belongs to it."""
+
+    model: Transformer
+    tokenizer: Tokenizer
+    info: ModelInfo
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.tok_embeddings.weight.dtype
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every weight a model with `args` has, with its shape, in Meta naming."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    return {name: tuple(p.shape) for name, p in model.state_dict().items()}
+
+
+def build_model(
+    args: ModelArgs,
+    tensors: NamedTensors,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: Progress | None = None,
+) -> Transformer:
+    """Check and place each tensor, then assign them all into a meta-device model."""
+    shapes = expected_shapes(args)
+    placed: dict[str, torch.Tensor] = {}
+    for name, tensor, source in tensors:
+        if name not in shapes:
+            raise CheckpointError(f"{source}: unexpected tensor {name!r} for this architecture")
+        if tuple(tensor.shape) != shapes[name]:
+            raise CheckpointError(
+                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {shapes[name]}"
+            )
+        placed[name] = tensor.to(device=device, dtype=dtype)
+        if progress:
+            progress(len(placed), len(shapes))
+    missing = sorted(set(shapes) - set(placed))
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise CheckpointError(f"checkpoint is missing tensor(s) {shown}")
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.load_state_dict(placed, strict=True, assign=True)
+    model.init_rope()
+    return model.eval().requires_grad_(False)
+
+
+def check_tokenizer_fits(tokenizer: Tokenizer, args: ModelArgs, source: str) -> None:
+    """Refuse a tokenizer whose ids the model cannot embed, or one clearly made for another vocabulary.
+
+    Models may pad their embedding table beyond the tokenizer (e.g. to a multiple of 64), so a
+    tokenizer slightly smaller than the table is fine; one larger, or far smaller, is not.
+    """
+    n_tok, n_model = tokenizer.vocab_size, args.vocab_size
+    if n_tok > n_model or n_tok < n_model - max(128, n_model // 100):
+        raise CheckpointError(
+            f"{source}: tokenizer has {n_tok} tokens but the model's vocabulary has {n_model}; "
+            "this tokenizer belongs to another model (pass the right one with --tokenizer)"
+        )

@@ -1,0 +1,165 @@
+"""The Llama 2 transformer, read top-down: parts first, then the model.
+
+Weights use Meta's names and layouts (`layers.0.attention.wq.weight`, rotary pairs interleaved), so a
+Meta checkpoint loads as-is and the other formats are converted to it. `forward` takes token ids,
+their positions and an optional preallocated `KVCache`; every row of a batch may sit at its own
+position, which is what continuous batching needs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qgpt_code.config import ModelArgs
+from qgpt_code.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the activations' dtype, as Meta does.
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position's rotation angles, (max_seq_len, head_dim // 2) float32 each."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, hd) by angles cos/sin (B, T, hd/2)."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B, T, 1, hd/2)
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped key/value heads (n_kv_heads <= n_heads)."""
+
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, dim)
+        cos: torch.Tensor,  # (B, T, hd/2)
+        sin: torch.Tensor,  # (B, T, hd/2)
+        mask: torch.Tensor,  # (B, 1, T, S) bool: True where a query may attend a key
+        cache: KVCache | None,
+        rows: torch.Tensor,  # (B,) cache rows written
+        read_rows: torch.Tensor | slice,  # the same rows, as a slice when contiguous (no copy)
+        positions: torch.Tensor,  # (B, T)
+        kv_len: int,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            cache.write(self.layer_id, rows, positions, k, v)
+            keys, values = cache.read(self.layer_id, read_rows, kv_len)  # (B, n_kv, S, hd)
+        else:
+            keys, values = k.transpose(1, 2), v.transpose(1, 2)  # (B, n_kv, T, hd)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads
+        )  # (B, H, T, hd)
+        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.attention = Attention(args, layer_id)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x: torch.Tensor, *attn_args) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), *attn_args)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        # Tied models project with tok_embeddings.weight and have no output weight of their own.
+        self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        if self.tok_embeddings.weight.device.type != "meta":
+            self.init_rope()
+
+    def init_rope(self, max_seq_len: int | None = None) -> None:
+        """(Re)build the rotary tables on the weights' device; called after weights are assigned."""
+        length = max(max_seq_len or 0, self.args.max_seq_len)
+        self.rope_cos, self.rope_sin = rope_tables(
+            self.args.head_dim, length, self.args.rope_theta, self.tok_embeddings.weight.device
+        )
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # (B, T) int64
+        positions: torch.Tensor,  # (B, T) int64: each token's position in its sequence
+        cache: KVCache | None = None,
+        rows: torch.Tensor | None = None,  # (B,) cache rows; None: rows 0..B-1
+        kv_len: int | None = None,  # attend to cache positions [0, kv_len); None: the whole cache
+        last_index: torch.Tensor | None = None,  # (B,) compute logits only at tokens[b, last_index[b]]
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab) float32, or (B, 1, vocab) when `last_index` is given."""
+        B, T = tokens.shape
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, hd/2)
+        if cache is None:
+            kv_len, read_rows, rows = T, slice(None), tokens.new_zeros(0)
+            key_positions = positions[:, None, :]  # (B, 1, T)
+        else:
+            kv_len = kv_len or cache.max_seq_len
+            if rows is None:
+                rows, read_rows = torch.arange(B, device=tokens.device), slice(0, B)
+            else:
+                read_rows = rows
+            key_positions = torch.arange(kv_len, device=tokens.device)[None, None, :]  # (1, 1, S)
+        mask = (key_positions <= positions[:, :, None]).unsqueeze(1)  # (B, 1, T, S)
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, cache, rows, read_rows, positions, kv_len)
+        if last_index is not None:
+            h = h[torch.arange(B, device=h.device), last_index][:, None, :]  # (B, 1, dim)
+        h = self.norm(h)
+        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        return F.linear(h, weight).float()
