@@ -59,14 +59,13 @@ def hf_llama(config_overrides: dict, seed: int = 0):
     """A randomly initialised transformers LlamaForCausalLM in float32."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
+    settings = dict(
         hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, rms_norm_eps=1e-5,
         rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
         attn_implementation="eager",
     )
-    for key, value in config_overrides.items():
-        setattr(config, key, value)
+    config = LlamaConfig(**{**settings, **config_overrides})
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # HF initialises norms to 1; random norms make parity tests stricter
