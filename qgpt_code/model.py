@@ -1,12 +1,15 @@
 """The Llama 2 transformer, read top-down: parts first, then the model.
 
-Weights use Meta's names and layouts (`layers.0.attention.wq.weight`, rotary pairs interleaved), so a
-Meta checkpoint loads as-is and the other formats are converted to it. `forward` takes token ids,
+Weights use Meta's names and layouts (`layers.0.attention.wq.weight`, rotary pairs interleaved), except
+that q/k/v and w1/w3 are fused for speed; `checkpoint_layout` says where each Meta-named tensor goes,
+and the other formats are converted to Meta names first. `forward` takes token ids,
 their positions and an optional preallocated `KVCache`; every row of a batch may sit at its own
 position, which is what continuous batching needs.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +27,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 whatever the activations' dtype, as Meta does.
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,15 +47,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    """Multi-head attention with grouped key/value heads (n_kv_heads <= n_heads)."""
+    """Multi-head attention with grouped key/value heads (n_kv_heads <= n_heads).
+
+    The q, k and v projections are one fused weight `wqkv` (rows: q heads, then k heads, then v
+    heads), so a decode step reads them in one matrix-vector product; checkpoints still speak of
+    wq/wk/wv, and `checkpoint_layout` maps those names onto row ranges of the fused weight.
+    """
 
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
         self.layer_id = layer_id
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wqkv = nn.Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(
@@ -70,10 +74,10 @@ class Attention(nn.Module):
         kv_len: int,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+        qk = apply_rope(qkv[:, :, : self.n_heads + self.n_kv_heads], cos, sin)  # q and k heads in one go
+        q, k = qk.split((self.n_heads, self.n_kv_heads), dim=2)  # (B, T, H, hd), (B, T, n_kv, hd)
+        v = qkv[:, :, self.n_heads + self.n_kv_heads :]  # (B, T, n_kv, hd)
         if cache is not None:
             cache.write(self.layer_id, rows, positions, k, v)
             keys, values = cache.read(self.layer_id, read_rows, kv_len)  # (B, n_kv, S, hd)
@@ -86,16 +90,16 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x), with w1 and w3 fused into one weight `w13` (w1's rows first)."""
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w13 = nn.Linear(dim, 2 * hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)  # (B, T, hidden) each
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -109,6 +113,45 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, *attn_args) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), *attn_args)
         return h + self.feed_forward(self.ffn_norm(h))
+
+
+@dataclass(frozen=True)
+class CheckpointSlot:
+    """Where a checkpoint tensor lives in our parameters: rows [start, stop) of `param`."""
+
+    param: str
+    start: int
+    stop: int
+    shape: tuple[int, ...]  # the checkpoint tensor's shape
+
+
+def checkpoint_layout(args: ModelArgs) -> dict[str, CheckpointSlot]:
+    """Every tensor of a Meta-named checkpoint mapped onto our (partly fused) parameters."""
+    q, kv, hidden, dim = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.hidden_dim, args.dim
+    layout = {"tok_embeddings.weight": CheckpointSlot("tok_embeddings.weight", 0, args.vocab_size, (args.vocab_size, dim)),
+              "norm.weight": CheckpointSlot("norm.weight", 0, dim, (dim,))}
+    if not args.tie_embeddings:
+        layout["output.weight"] = CheckpointSlot("output.weight", 0, args.vocab_size, (args.vocab_size, dim))
+    for i in range(args.n_layers):
+        attn, ffn = f"layers.{i}.attention", f"layers.{i}.feed_forward"
+        layout.update({
+            f"{attn}.wq.weight": CheckpointSlot(f"{attn}.wqkv.weight", 0, q, (q, dim)),
+            f"{attn}.wk.weight": CheckpointSlot(f"{attn}.wqkv.weight", q, q + kv, (kv, dim)),
+            f"{attn}.wv.weight": CheckpointSlot(f"{attn}.wqkv.weight", q + kv, q + 2 * kv, (kv, dim)),
+            f"{attn}.wo.weight": CheckpointSlot(f"{attn}.wo.weight", 0, dim, (dim, q)),
+            f"{ffn}.w1.weight": CheckpointSlot(f"{ffn}.w13.weight", 0, hidden, (hidden, dim)),
+            f"{ffn}.w3.weight": CheckpointSlot(f"{ffn}.w13.weight", hidden, 2 * hidden, (hidden, dim)),
+            f"{ffn}.w2.weight": CheckpointSlot(f"{ffn}.w2.weight", 0, dim, (dim, hidden)),
+            f"layers.{i}.attention_norm.weight": CheckpointSlot(f"layers.{i}.attention_norm.weight", 0, dim, (dim,)),
+            f"layers.{i}.ffn_norm.weight": CheckpointSlot(f"layers.{i}.ffn_norm.weight", 0, dim, (dim,)),
+        })
+    return layout
+
+
+def checkpoint_tensors(model: "Transformer") -> dict[str, torch.Tensor]:
+    """The model's weights under Meta checkpoint names (views into our fused parameters)."""
+    params = dict(model.named_parameters())
+    return {name: params[slot.param][slot.start : slot.stop] for name, slot in checkpoint_layout(model.args).items()}
 
 
 class Transformer(nn.Module):

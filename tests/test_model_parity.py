@@ -9,6 +9,7 @@ from builders import hf_llama, meta_params, write_hf_dir, write_meta_dir
 from qgpt_code import load_model
 from qgpt_code.generation import SamplingParams, generate_batch, generate_text
 from qgpt_code.kv_cache import KVCache
+from qgpt_code.model import checkpoint_tensors
 
 TOLERANCE = 1e-4
 
@@ -30,7 +31,7 @@ def checkpoint_pair(request, tmp_path_factory, sp_proto):
     hf = hf_llama(CONFIGS[request.param], seed=len(request.param))
     root = tmp_path_factory.mktemp(request.param)
     ours_hf = load_model(write_hf_dir(hf, root / "hf", sp_proto), device="cpu", dtype="float32")
-    state = dict(ours_hf.model.state_dict())
+    state = checkpoint_tensors(ours_hf.model)
     if ours_hf.info.args.tie_embeddings:  # Meta checkpoints always carry their own output weight
         state["output.weight"] = state["tok_embeddings.weight"]
     params = {**meta_params(ours_hf.info.args), "multiple_of": 32}

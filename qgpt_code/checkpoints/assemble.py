@@ -16,7 +16,7 @@ import torch
 
 from qgpt_code.config import ModelArgs
 from qgpt_code.errors import CheckpointError
-from qgpt_code.model import Transformer
+from qgpt_code.model import Transformer, checkpoint_layout
 from qgpt_code.tokenizer import Tokenizer
 
 NamedTensors = Iterable[tuple[str, torch.Tensor, Path]]  # (our name, tensor, file it came from)
@@ -54,13 +54,6 @@ class LoadedModel:
         return self.model.tok_embeddings.weight.dtype
 
 
-def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Every weight a model with `args` has, with its shape, in Meta naming."""
-    with torch.device("meta"):
-        model = Transformer(args)
-    return {name: tuple(p.shape) for name, p in model.state_dict().items()}
-
-
 def build_model(
     args: ModelArgs,
     tensors: NamedTensors,
@@ -68,26 +61,34 @@ def build_model(
     dtype: torch.dtype,
     progress: Progress | None = None,
 ) -> Transformer:
-    """Check and place each tensor, then assign them all into a meta-device model."""
-    shapes = expected_shapes(args)
-    placed: dict[str, torch.Tensor] = {}
+    """Check each checkpoint tensor and copy it into its place in our parameters on `device`, then
+    assign those parameters to a meta-device model (weights allocated once, where they will run)."""
+    layout = checkpoint_layout(args)
+    param_rows: dict[str, int] = {}  # a fused parameter is as tall as its last slot's end
+    for slot in layout.values():
+        param_rows[slot.param] = max(param_rows.get(slot.param, 0), slot.stop)
+    params: dict[str, torch.Tensor] = {}
+    filled: set[str] = set()
     for name, tensor, source in tensors:
-        if name not in shapes:
+        slot = layout.get(name)
+        if slot is None:
             raise CheckpointError(f"{source}: unexpected tensor {name!r} for this architecture")
-        if tuple(tensor.shape) != shapes[name]:
-            raise CheckpointError(
-                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {shapes[name]}"
-            )
-        placed[name] = tensor.to(device=device, dtype=dtype)
+        if tuple(tensor.shape) != slot.shape:
+            raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {slot.shape}")
+        if slot.param not in params:
+            shape = (param_rows[slot.param], *slot.shape[1:])
+            params[slot.param] = torch.empty(shape, device=device, dtype=dtype)
+        params[slot.param][slot.start : slot.stop].copy_(tensor)  # converts dtype and device in one go
+        filled.add(name)
         if progress:
-            progress(len(placed), len(shapes))
-    missing = sorted(set(shapes) - set(placed))
+            progress(len(filled), len(layout))
+    missing = sorted(set(layout) - filled)
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise CheckpointError(f"checkpoint is missing tensor(s) {shown}")
     with torch.device("meta"):
         model = Transformer(args)
-    model.load_state_dict(placed, strict=True, assign=True)
+    model.load_state_dict(params, strict=True, assign=True)
     model.init_rope()
     return model.eval().requires_grad_(False)
 
