@@ -19,7 +19,7 @@ from qgpt_code.errors import CheckpointError
 from qgpt_code.model import Transformer, checkpoint_layout
 from qgpt_code.tokenizer import Tokenizer
 
-NamedTensors = Iterable[tuple[str, torch.Tensor, Path]]  # (our name, tensor, file it came from)
+NamedTensors = Iterable[tuple[str, torch.Tensor, str | Path]]  # (Meta name, tensor, file(s) it came from)
 Progress = Callable[[int, int], None]  # (tensors done, tensors in all)
 
 

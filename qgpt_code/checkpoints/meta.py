@@ -72,8 +72,9 @@ def iter_tensors(path: Path) -> NamedTensors:
     return _merge(files, shards)
 
 
-def _merge(files: list[Path], shards: list[dict[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor, Path]]:
+def _merge(files: list[Path], shards: list[dict[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor, str | Path]]:
     names = list(shards[0])
+    merged_source = f"{files[0]} (+{len(files) - 1} more shards, merged)"
     for file, shard in zip(files[1:], shards[1:]):
         if set(shard) != set(names):
             odd = sorted(set(shard) ^ set(names))[0]
@@ -87,7 +88,7 @@ def _merge(files: list[Path], shards: list[dict[str, torch.Tensor]]) -> Iterator
             yield name, parts[0], files[0]
             continue
         try:
-            yield name, torch.cat(parts, dim=dim), files[0].parent
+            yield name, torch.cat(parts, dim=dim), merged_source
         except RuntimeError:
             shapes = ", ".join(str(tuple(p.shape)) for p in parts)
-            raise CheckpointError(f"{files[0].parent}: shards of {name!r} do not fit together ({shapes})") from None
+            raise CheckpointError(f"{merged_source}: shards of {name!r} do not fit together ({shapes})") from None
