@@ -72,11 +72,11 @@ def _load(args: argparse.Namespace):
                       progress=stderr_progress("qgpt: loading weights"))
 
 
-def _sampling(args: argparse.Namespace, stop_ids: Sequence[int] = ()):
+def _sampling(args: argparse.Namespace):
     from qgpt_code.generation import SamplingParams
 
     return SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), stop_ids=tuple(stop_ids))
+                          top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
 
 
 def _print_stream(loaded, prompt_tokens: list[int], params) -> None:
@@ -94,10 +94,11 @@ def _print_stream(loaded, prompt_tokens: list[int], params) -> None:
 def cmd_complete(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise QGPTError("the prompt is empty: give some text to continue")
+    params = _sampling(args)  # bad values fail before the model loads
     loaded = _load(args)
     tokenizer = loaded.tokenizer
     prompt_tokens = tokenizer.encode(args.prompt, bos=getattr(tokenizer, "add_bos", True))
-    _print_stream(loaded, prompt_tokens, _sampling(args))
+    _print_stream(loaded, prompt_tokens, params)
     return 0
 
 
@@ -106,11 +107,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     if not args.message.strip():
         raise QGPTError("the message is empty")
+    params = _sampling(args)
     loaded = _load(args)
     dialog = ([{"role": "system", "content": args.system}] if args.system else [])
     dialog.append({"role": "user", "content": args.message})
     prompt_tokens = chat_tokens(loaded.info, loaded.tokenizer, dialog)
-    _print_stream(loaded, prompt_tokens, _sampling(args))
+    _print_stream(loaded, prompt_tokens, params)
     return 0
 
 
