@@ -71,7 +71,7 @@ def main() -> None:
 
     def run_ours() -> list[int]:
         steps = generate(ours.model, ours.tokenizer, [prompt[0].tolist()], params)
-        return [event.token_id for events in steps for event in events]
+        return [event.token_id for events in steps for _, event in events]
 
     @torch.inference_mode()
     def run_transformers() -> list[int]:

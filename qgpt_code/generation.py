@@ -1,9 +1,10 @@
-"""Generation: token-level `generate` for a batch of prompts, text-level helpers on top.
+"""Generation's vocabulary and its simplest entry points.
 
-Meta's `text_completion` / `chat_completion` are the reference for defaults (temperature 0.6,
-top_p 0.9, stop at EOS). The batch is prefilled in one forward pass with right padding (padding
-writes only cache positions that real tokens overwrite before anyone attends to them), then decoded
-one step at a time with every row at its own position; rows finish independently.
+`SamplingParams` (Meta's `text_completion` / `chat_completion` defaults: temperature 0.6, top_p 0.9,
+stop at EOS), the `TokenEvent`s a generation produces, the per-sequence `TextState` that turns tokens
+into text and decides when to stop, and `generate` / `generate_text` / `stream_text`, which run
+prompts to completion through the same `Scheduler` the serving engine uses, without threads or a
+shared prefix cache.
 """
 
 from __future__ import annotations
@@ -11,17 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
-import torch
-
 from qgpt_code.checkpoints.assemble import LoadedModel
 from qgpt_code.detokenize import IncrementalDecoder, StopStringFilter
 from qgpt_code.errors import EmptyPromptError, PromptTooLongError, QGPTError
-from qgpt_code.kv_cache import KVCache
+from qgpt_code.kv_cache import KVCache, PrefixStore
 from qgpt_code.model import Transformer
-from qgpt_code.sampling import sample, token_logprobs
 from qgpt_code.tokenizer import Tokenizer
-
-KV_BUCKET = 256  # attend over the cache in steps of this many positions, not all of it every step
 
 
 @dataclass(frozen=True)
@@ -34,6 +30,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # generation ends before any of these strings; they are not emitted
     stop_ids: tuple[int, ...] = ()  # ids that end generation besides EOS (e.g. Code Llama's EOT)
     logprobs: bool = False
+    top_logprobs: int = 0  # with logprobs: also the n likeliest alternatives at each step
     truncate_prompt: bool = False  # keep a too-long prompt's last tokens instead of failing
 
     def __post_init__(self) -> None:
@@ -47,13 +44,13 @@ class SamplingParams:
 
 @dataclass
 class TokenEvent:
-    """One step of one row: the token chosen, the text it completes, and whether the row ended."""
+    """One step of one sequence: the token chosen, the text it completes, and whether it ended."""
 
-    row: int
-    token_id: int
+    token_id: int | None  # None on an event that only ends the sequence (cancelled, timeout, error)
     text: str
     logprob: float | None = None
-    finish_reason: str | None = None  # "stop" (EOS, stop id or stop string) or "length"
+    finish_reason: str | None = None  # "stop" (EOS, stop id or string), "length", "cancelled", "timeout", "error"
+    top_logprobs: list[tuple[int, float]] | None = None  # (token id, logprob), most likely first
 
 
 @dataclass
@@ -63,6 +60,15 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     logprobs: list[float] | None = field(default=None)
+
+    def add(self, event: TokenEvent) -> None:
+        self.text += event.text
+        if event.token_id is not None:
+            self.tokens.append(event.token_id)
+            if self.logprobs is not None:
+                self.logprobs.append(event.logprob)
+        if event.finish_reason:
+            self.finish_reason = event.finish_reason
 
 
 def fit_prompt(tokens: Sequence[int], context: int, truncate: bool) -> list[int]:
@@ -76,99 +82,59 @@ def fit_prompt(tokens: Sequence[int], context: int, truncate: bool) -> list[int]
     raise PromptTooLongError(len(tokens), context - 1)
 
 
-class _Row:
-    """Per-row decoding state: text assembly, stop conditions and outputs."""
+class TextState:
+    """Per-sequence text assembly and stop conditions: EOS or a stop id, a stop string, the budget."""
 
     def __init__(self, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams, budget: int):
         self.decoder = IncrementalDecoder(tokenizer, prompt)
         self.stops = StopStringFilter(params.stop)
         self.stop_ids = {tokenizer.eos_id, *params.stop_ids} - {-1}
-        self.budget = budget  # new tokens this row may still produce
-        self.done = False
+        self.budget = budget  # new tokens this sequence may still produce
 
-    def accept(self, row: int, token: int, logprob: float | None) -> TokenEvent:
+    def accept(self, token: int, logprob: float | None) -> TokenEvent:
         self.budget -= 1
         if token in self.stop_ids:
-            self.done = True
             tail = self.stops.push(self.decoder.flush())
-            return TokenEvent(row, token, tail + self.stops.flush(), logprob, "stop")
+            return TokenEvent(token, tail + self.stops.flush(), logprob, "stop")
         text = self.stops.push(self.decoder.push(token))
         if self.stops.stopped:
-            self.done = True
-            return TokenEvent(row, token, text, logprob, "stop")
+            return TokenEvent(token, text, logprob, "stop")
         if self.budget <= 0:
-            self.done = True
             tail = self.stops.push(self.decoder.flush())
-            return TokenEvent(row, token, text + tail + self.stops.flush(), logprob, "length")
-        return TokenEvent(row, token, text, logprob)
+            return TokenEvent(token, text + tail + self.stops.flush(), logprob, "length")
+        return TokenEvent(token, text, logprob)
 
 
-def _bucket(length: int, limit: int) -> int:
-    return min(limit, -(-length // KV_BUCKET) * KV_BUCKET)
-
-
-@torch.inference_mode()
 def generate(
     model: Transformer,
     tokenizer: Tokenizer,
     prompts: Sequence[Sequence[int]],
     params: SamplingParams,
     max_seq_len: int | None = None,
-) -> Iterator[list[TokenEvent]]:
-    """Yield, per decoding step, the events of the rows still running (finished rows drop out).
+) -> Iterator[list[tuple[int, TokenEvent]]]:
+    """Run prompts together to completion; yield, per step, (prompt index, event) pairs.
 
     `max_seq_len` bounds prompt + completion (default: the model's trained context).
     """
+    from qgpt_code.scheduler import Scheduler  # the scheduler builds on this module's types
+
     context = min(max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
     prompts = [fit_prompt(p, context, params.truncate_prompt) for p in prompts]
-    lengths = [len(p) for p in prompts]
-    device = model.tok_embeddings.weight.device
-    budgets = [min(params.max_new_tokens, context - n) for n in lengths]
-    cache_len = max(n + b for n, b in zip(lengths, budgets))
-    cache = KVCache(model.args, len(prompts), cache_len, device, model.tok_embeddings.weight.dtype)
-    rows = [_Row(tokenizer, p, params, b) for p, b in zip(prompts, budgets)]
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(params.seed)
-
-    # Prefill: right-padded batch, logits only at each row's last prompt token.
-    width = max(lengths)
-    tokens = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-    positions = torch.arange(width, device=device).expand(len(prompts), width).clamp(max=cache_len - 1)
-    last = torch.tensor([n - 1 for n in lengths], device=device)
-    logits = model(tokens, positions, cache, kv_len=_bucket(width, cache_len), last_index=last)[:, -1]
-
-    while True:
-        next_tokens = sample(logits, params.temperature, params.top_p, params.top_k, generator)  # (B,)
-        logprobs = token_logprobs(logits, next_tokens).tolist() if params.logprobs else None
-        chosen = next_tokens.tolist()
-        events = []
-        for i, row in enumerate(rows):
-            if not row.done:
-                events.append(row.accept(i, chosen[i], logprobs[i] if logprobs else None))
-                lengths[i] += 1
-        yield events
-        if all(row.done for row in rows):
-            return
-        # Decode: each row feeds its new token at its own position (finished rows idle in place).
-        positions = torch.tensor([[min(n - 1, cache_len - 1)] for n in lengths], device=device)
-        logits = model(next_tokens[:, None], positions, cache, kv_len=_bucket(max(lengths), cache_len))[:, -1]
+    cache_len = max(len(p) + min(params.max_new_tokens, context - len(p)) for p in prompts)
+    weights = model.tok_embeddings.weight
+    cache = KVCache(model.args, len(prompts), cache_len, weights.device, weights.dtype)
+    scheduler = Scheduler(model, tokenizer, PrefixStore(cache), max_batch=len(prompts), prefill_chunk=cache_len)
+    index = {scheduler.add(p, params).id: i for i, p in enumerate(prompts)}
+    while scheduler.has_work():
+        yield [(index[seq.id], event) for seq, event in scheduler.step()]
 
 
 def generate_batch(loaded: LoadedModel, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
     """Complete several token prompts together."""
     results = [Completion("", [], "length", len(p), [] if params.logprobs else None) for p in prompts]
     for events in generate(loaded.model, loaded.tokenizer, prompts, params):
-        for event in events:
-            result = results[event.row]
-            result.text += event.text
-            result.tokens.append(event.token_id)
-            if result.logprobs is not None:
-                result.logprobs.append(event.logprob)
-            if event.finish_reason:
-                result.finish_reason = event.finish_reason
+        for i, event in events:
+            results[i].add(event)
     return results
 
 
@@ -180,6 +146,6 @@ def generate_text(loaded: LoadedModel, prompt_tokens: Sequence[int], params: Sam
 def stream_text(loaded: LoadedModel, prompt_tokens: Sequence[int], params: SamplingParams) -> Iterator[str]:
     """The completion of one prompt as text pieces, each ending on a whole character."""
     for events in generate(loaded.model, loaded.tokenizer, [prompt_tokens], params):
-        for event in events:
+        for _, event in events:
             if event.text:
                 yield event.text

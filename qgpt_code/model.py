@@ -10,6 +10,7 @@ position, which is what continuous batching needs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -180,7 +181,7 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,  # (B, T) int64
         positions: torch.Tensor,  # (B, T) int64: each token's position in its sequence
         cache: KVCache | None = None,
-        rows: torch.Tensor | None = None,  # (B,) cache rows; None: rows 0..B-1
+        rows: Sequence[int] | None = None,  # the cache row of each batch row; None: rows 0..B-1
         kv_len: int | None = None,  # attend to cache positions [0, kv_len); None: the whole cache
         last_index: torch.Tensor | None = None,  # (B,) compute logits only at tokens[b, last_index[b]]
     ) -> torch.Tensor:
@@ -192,10 +193,11 @@ class Transformer(nn.Module):
             key_positions = positions[:, None, :]  # (B, 1, T)
         else:
             kv_len = kv_len or cache.max_seq_len
-            if rows is None:
-                rows, read_rows = torch.arange(B, device=tokens.device), slice(0, B)
-            else:
-                read_rows = rows
+            rows = list(range(B)) if rows is None else list(rows)
+            # Consecutive rows are read as a view; any other set is gathered (a copy per layer).
+            contiguous = rows == list(range(rows[0], rows[0] + B))
+            read_rows = slice(rows[0], rows[0] + B) if contiguous else torch.tensor(rows, device=tokens.device)
+            rows = torch.tensor(rows, device=tokens.device)
             key_positions = torch.arange(kv_len, device=tokens.device)[None, None, :]  # (1, 1, S)
         mask = (key_positions <= positions[:, :, None]).unsqueeze(1)  # (B, 1, T, S)
         h = self.tok_embeddings(tokens)  # (B, T, dim)

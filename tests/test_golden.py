@@ -33,5 +33,5 @@ class NoEosTokenizer:
 
 def test_golden_greedy_tokens():
     events = generate(golden_model(), NoEosTokenizer(), [PROMPT], SamplingParams(max_new_tokens=16, temperature=0))
-    tokens = [e.token_id for step in events for e in step]
+    tokens = [event.token_id for step in events for _, event in step]
     assert tokens == EXPECTED

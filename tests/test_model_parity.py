@@ -80,7 +80,7 @@ def test_batch_rows_at_different_positions(checkpoint_pair):
         alone = [model(s, positions_for(s))[0, -1] for s in seqs]
         cache = KVCache(model.args, n_rows=2, max_seq_len=32)
         for row, s in enumerate(seqs):  # prefill each row into its own cache row
-            model(s[:, :-1], positions_for(s[:, :-1]), cache, rows=torch.tensor([row]))
+            model(s[:, :-1], positions_for(s[:, :-1]), cache, rows=[row])
         last = torch.cat([s[:, -1:] for s in seqs])  # (2, 1)
         together = model(last, torch.tensor([[17], [5]]), cache)[:, -1]
     for row in range(2):
