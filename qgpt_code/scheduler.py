@@ -180,6 +180,11 @@ class Scheduler:
         if event.finish_reason:
             self._retire(seq, event.finish_reason)
 
+    def retire_all(self, reason: str) -> None:
+        """End every sequence at once (after a failed step); rows go back to the store."""
+        for seq in [*self.running, *self.waiting]:
+            self._retire(seq, reason)
+
     def _retire(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
         if seq in self.running:

@@ -1,0 +1,302 @@
+"""The serving engine both front ends share: requests in from any thread, token streams out.
+
+One background thread owns the model, the KV cache and the `Scheduler`; callers only `submit`
+requests and read events from the returned `RequestHandle` (a blocking iterator, or an async
+iterator for asyncio servers). Keys/values of finished requests stay in the prefix store, so the
+next request about the same file or the next turn of the same chat only computes what changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import AsyncIterator, Iterator, Sequence
+
+import torch
+
+from qgpt_code.checkpoints.assemble import LoadedModel
+from qgpt_code.errors import QGPTError
+from qgpt_code.generation import Completion, SamplingParams, TokenEvent
+from qgpt_code.kv_cache import KVCache, PrefixStore
+from qgpt_code.scheduler import Scheduler, Sequence as SchedSequence
+
+DEFAULT_MAX_SEQ_LEN = 4096  # cache row length when the model's context is longer (flag: --max-seq-len)
+DEFAULT_CPU_CACHE_BYTES = 2 << 30  # CPU RAM is shared with everything else; 2 GiB holds ~10 rows of SmolLM2
+GPU_CACHE_FRACTION = 0.5  # of the device memory still free once the weights are loaded
+
+
+class EngineOverloaded(QGPTError):
+    """The request queue is full; the caller should retry later (HTTP 429/503)."""
+
+
+class EngineClosed(QGPTError):
+    """The engine has been shut down."""
+
+
+@dataclass
+class Request:
+    prompt_tokens: Sequence[int]
+    params: SamplingParams = SamplingParams()
+    timeout: float | None = None  # seconds from submission; past it the request ends with "timeout"
+
+
+class RequestHandle:
+    """A submitted request: iterate it (or `async for` it) for `TokenEvent`s; the last one has a
+    `finish_reason`. One consumer per handle."""
+
+    def __init__(self, engine: "Engine", request: Request):
+        self.engine = engine
+        self.request = request
+        self.prompt_tokens = len(request.prompt_tokens)
+        self.cached_tokens = 0  # known once admitted: prompt tokens served from the prefix cache
+        self.completion_tokens = 0
+        self.submitted_at = time.monotonic()
+        self.first_token_at: float | None = None
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self._events: deque[TokenEvent] = deque()
+        self._cond = threading.Condition()
+        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._sequence: SchedSequence | None = None
+
+    # -- producer side (engine thread) -----------------------------------------------------------
+    def _push(self, event: TokenEvent) -> None:
+        with self._cond:
+            if event.token_id is not None:
+                self.completion_tokens += 1
+                if self.first_token_at is None:
+                    self.first_token_at = time.monotonic()
+            if event.finish_reason:
+                self.finish_reason = event.finish_reason
+            self._events.append(event)
+            self._cond.notify_all()
+            waiters, self._async_waiters = self._async_waiters, []
+        for loop, flag in waiters:
+            loop.call_soon_threadsafe(flag.set)
+
+    # -- consumer side ---------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def cancel(self) -> None:
+        """Stop generating at the next step; the event stream ends with finish_reason "cancelled"."""
+        self.engine.cancel(self)
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        while True:
+            with self._cond:
+                while not self._events:
+                    self._cond.wait()
+                event = self._events.popleft()
+            yield event
+            if event.finish_reason:
+                return
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._cond:
+                event = self._events.popleft() if self._events else None
+                if event is None:
+                    flag = asyncio.Event()
+                    self._async_waiters.append((loop, flag))
+            if event is None:
+                await flag.wait()
+                continue
+            yield event
+            if event.finish_reason:
+                return
+
+    def result(self) -> Completion:
+        """Block until the request ends; everything it generated."""
+        completion = Completion("", [], "length", self.prompt_tokens,
+                                [] if self.request.params.logprobs else None)
+        for event in self:
+            completion.add(event)
+        return completion
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    requests_submitted: int
+    requests_finished: int
+    running: int
+    queued: int
+    prefix_hits: int  # admitted requests that reused a cached prefix
+    tokens_reused: int  # prompt tokens served from the prefix cache
+    tokens_computed: int  # tokens run through the model (prefill and decode)
+    cache_bytes_in_use: int  # keys/values actually held
+    cache_bytes_capacity: int  # the preallocated KV cache
+    cache_rows: int
+    evictions: int
+
+
+class Engine:
+    """A model served to many concurrent callers with continuous batching and prefix reuse.
+
+    max_batch: sequences decoded together; max_queue: requests waiting beyond those (more fail
+    fast with EngineOverloaded); cache_bytes: KV-cache budget (default: half the free GPU memory,
+    or 2 GiB on the CPU), split into rows of max_seq_len positions; at least max_batch + 1 rows are
+    needed so one finished prefix can stay cached while a full batch runs.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        cache_bytes: int | None = None,
+        max_seq_len: int | None = None,
+        prefill_chunk: int = 512,
+    ):
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        args = loaded.model.args
+        self.max_seq_len = min(max_seq_len or DEFAULT_MAX_SEQ_LEN, args.max_seq_len)
+        per_token = KVCache.bytes_per_token(args, loaded.dtype)
+        budget = cache_bytes if cache_bytes is not None else default_cache_bytes(loaded.device)
+        rows = budget // (per_token * self.max_seq_len)
+        if rows < max_batch + 1:
+            raise QGPTError(
+                f"a KV-cache budget of {budget / 2**20:.0f} MiB holds {rows} rows of {self.max_seq_len} tokens "
+                f"but max_batch={max_batch} needs {max_batch + 1}: raise --cache-bytes, or lower "
+                "--max-seq-len or --max-batch"
+            )
+        cache = KVCache(args, rows, self.max_seq_len, loaded.device, loaded.dtype)
+        self.store = PrefixStore(cache)
+        self.scheduler = Scheduler(loaded.model, loaded.tokenizer, self.store, max_batch, prefill_chunk)
+        self._lock = threading.Condition()
+        self._incoming: deque[RequestHandle] = deque()
+        self._handles: dict[int, RequestHandle] = {}  # sequence id -> handle, engine thread only
+        self._submitted = self._finished = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="qgpt-engine", daemon=True)
+        self._thread.start()
+
+    # -- public API (any thread) -----------------------------------------------------------------
+    def submit(self, request: Request) -> RequestHandle:
+        """Queue a request. Raises PromptTooLongError / EmptyPromptError for a prompt that cannot
+        run and EngineOverloaded when the queue is full, both before anything is queued."""
+        from qgpt_code.generation import fit_prompt
+
+        fit_prompt(request.prompt_tokens, self.max_seq_len, request.params.truncate_prompt)
+        handle = RequestHandle(self, request)
+        with self._lock:
+            if self._closed:
+                raise EngineClosed("the engine is shut down")
+            if self._queued_locked() >= self.max_queue:
+                raise EngineOverloaded(
+                    f"server overloaded: {self._queued_locked()} requests already waiting (max_queue={self.max_queue})"
+                )
+            self._incoming.append(handle)
+            self._submitted += 1
+            self._lock.notify()
+        return handle
+
+    def cancel(self, handle: RequestHandle) -> None:
+        with self._lock:
+            if handle in self._incoming:  # never reached the scheduler
+                self._incoming.remove(handle)
+                handle._push(TokenEvent(None, "", finish_reason="cancelled"))
+                self._finished += 1
+            elif handle._sequence is not None and handle._sequence.abort_reason is None:
+                handle._sequence.abort_reason = "cancelled"
+            self._lock.notify()
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            store = self.store
+            return EngineStats(
+                requests_submitted=self._submitted, requests_finished=self._finished,
+                running=len(self.scheduler.running), queued=self._queued_locked(),
+                prefix_hits=store.hits, tokens_reused=store.tokens_reused,
+                tokens_computed=self.scheduler.tokens_computed, cache_bytes_in_use=store.bytes_in_use,
+                cache_bytes_capacity=store.cache.nbytes, cache_rows=store.cache.n_rows, evictions=store.evictions,
+            )
+
+    def close(self) -> None:
+        """Stop the engine thread; requests still running end with finish_reason "cancelled"."""
+        with self._lock:
+            self._closed = True
+            for handle in list(self._incoming):
+                handle._push(TokenEvent(None, "", finish_reason="cancelled"))
+            self._incoming.clear()
+            for handle in self._handles.values():
+                if handle._sequence is not None:
+                    handle._sequence.abort_reason = "cancelled"
+            self._lock.notify()
+        self._thread.join(timeout=30)
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- engine thread ---------------------------------------------------------------------------
+    def _queued_locked(self) -> int:
+        return len(self._incoming) + len(self.scheduler.waiting)
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._lock:
+                while not self._incoming and not self.scheduler.has_work() and not self._closed:
+                    self._lock.wait()
+                if self._closed and not self.scheduler.has_work():
+                    return
+                while self._incoming:
+                    self._start(self._incoming.popleft())
+            try:
+                events = self.scheduler.step()
+            except Exception as exc:  # a bug or out-of-memory: fail the running requests, keep serving
+                self._fail_all(exc)
+                continue
+            with self._lock:  # handles are shared with cancel() and close()
+                for seq, event in events:
+                    handle = self._handles[seq.id]
+                    handle.cached_tokens = seq.cached_tokens
+                    handle._push(event)
+                    if event.finish_reason:
+                        del self._handles[seq.id]
+                        self._finished += 1
+
+    def _start(self, handle: RequestHandle) -> None:
+        request = handle.request
+        deadline = None if request.timeout is None else handle.submitted_at + request.timeout
+        try:
+            seq = self.scheduler.add(request.prompt_tokens, request.params, deadline)
+        except QGPTError as exc:  # submit() checked the prompt already; this is a safety net
+            handle.error = str(exc)
+            handle._push(TokenEvent(None, "", finish_reason="error"))
+            self._finished += 1
+            return
+        handle._sequence = seq
+        self._handles[seq.id] = handle
+
+    def _fail_all(self, exc: Exception) -> None:
+        message = f"{type(exc).__name__}: {exc}"
+        print(f"qgpt: engine error, failing {len(self._handles)} request(s): {message}", file=sys.stderr)
+        with self._lock:
+            self.scheduler.retire_all("error")
+            for handle in self._handles.values():
+                handle.error = message
+                handle._push(TokenEvent(None, "", finish_reason="error"))
+                self._finished += 1
+            self._handles.clear()
+
+
+def default_cache_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * GPU_CACHE_FRACTION)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return min(DEFAULT_CPU_CACHE_BYTES, total // 4)
