@@ -31,6 +31,7 @@ class SamplingParams:
     stop_ids: tuple[int, ...] = ()  # ids that end generation besides EOS (e.g. Code Llama's EOT)
     logprobs: bool = False
     top_logprobs: int = 0  # with logprobs: also the n likeliest alternatives at each step
+    ignore_eos: bool = False  # keep going past EOS (benchmarks that need a fixed token count)
     truncate_prompt: bool = False  # keep a too-long prompt's last tokens instead of failing
 
     def __post_init__(self) -> None:
@@ -88,7 +89,7 @@ class TextState:
     def __init__(self, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams, budget: int):
         self.decoder = IncrementalDecoder(tokenizer, prompt)
         self.stops = StopStringFilter(params.stop)
-        self.stop_ids = {tokenizer.eos_id, *params.stop_ids} - {-1}
+        self.stop_ids = ({tokenizer.eos_id} - {-1} if not params.ignore_eos else set()) | set(params.stop_ids)
         self.budget = budget  # new tokens this sequence may still produce
 
     def accept(self, token: int, logprob: float | None) -> TokenEvent:

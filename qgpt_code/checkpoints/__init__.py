@@ -33,11 +33,15 @@ def detect_format(path: Path) -> str:
 
 
 def stderr_progress(label: str) -> Progress:
-    """A one-line progress counter on stderr (stdout carries only results)."""
+    """Progress on stderr (stdout carries only results): a live counter on a terminal, otherwise
+    one line per quarter so logs stay readable."""
+    interactive = sys.stderr.isatty()
 
     def report(done: int, total: int) -> None:
-        end = "\n" if done == total else ""
-        print(f"\r{label}: {done}/{total} tensors", end=end, file=sys.stderr, flush=True)
+        if interactive:
+            print(f"\r{label}: {done}/{total} tensors", end="\n" if done == total else "", file=sys.stderr, flush=True)
+        elif done == total or done * 4 // total != (done - 1) * 4 // total:
+            print(f"{label}: {done}/{total} tensors", file=sys.stderr, flush=True)
 
     return report
 
