@@ -11,25 +11,8 @@ import os
 import sys
 from typing import Sequence
 
+from qgpt_code.cli_common import add_model_options, add_sampling_options, load_from_args, sampling_from_args
 from qgpt_code.errors import QGPTError
-
-
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="checkpoint: a .gguf file, a Meta or an HF directory "
-                        "(default: $QGPT_MODEL, then the embedded SmolLM2-135M)")
-    parser.add_argument("--tokenizer", help="tokenizer.model to use instead of the one beside the weights")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                        help="weights' dtype (default: bfloat16 on CUDA, float32 on CPU)")
-
-
-def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-tokens", type=int, default=256, help="new tokens at most (default: 256)")
-    parser.add_argument("--temperature", type=float, default=0.6, help="0 for greedy (default: 0.6, as Meta)")
-    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus mass (default: 0.9, as Meta)")
-    parser.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens; 0: off")
-    parser.add_argument("--seed", type=int, help="seed for reproducible sampling")
-    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,45 +21,41 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     complete = commands.add_parser("complete", help="continue a prompt; prints only the completion")
-    _add_model_options(complete)
-    _add_sampling_options(complete)
+    add_model_options(complete)
+    add_sampling_options(complete)
     complete.add_argument("prompt", metavar="PROMPT")
+    complete.set_defaults(run=cmd_complete)
 
     chat = commands.add_parser("chat", help="one chat turn in the model's own dialog format")
-    _add_model_options(chat)
-    _add_sampling_options(chat)
+    add_model_options(chat)
+    add_sampling_options(chat)
     chat.add_argument("--system", help="system prompt")
     chat.add_argument("message", metavar="MESSAGE")
+    chat.set_defaults(run=cmd_chat)
 
     models = commands.add_parser("models", help="list the models found (default, $QGPT_MODEL, given paths)")
     models.add_argument("paths", nargs="*", metavar="PATH", help="more checkpoints to describe")
+    models.set_defaults(run=cmd_models)
+
+    for register in _front_end_commands():
+        register(commands)
 
     commands.add_parser("eval", help="code-quality evals (HumanEval pass@k, infilling); `qgpt eval -h`",
                         add_help=False, prefix_chars="\0")
     return parser
 
 
+def _front_end_commands():
+    """`register(subparsers)` functions of the front ends (argparse-only modules: --help stays instant)."""
+    from qgpt_code.server.command import add_serve_command
+
+    return [add_serve_command]
+
+
 def _version() -> str:
     from qgpt_code import __version__
 
     return __version__
-
-
-def _load(args: argparse.Namespace):
-    from qgpt_code.checkpoints import load_model, stderr_progress
-    from qgpt_code.models import resolve_model_path
-
-    path = resolve_model_path(args.model)
-    print(f"qgpt: loading {path}", file=sys.stderr)
-    return load_model(path, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
-                      progress=stderr_progress("qgpt: loading weights"))
-
-
-def _sampling(args: argparse.Namespace):
-    from qgpt_code.generation import SamplingParams
-
-    return SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
 
 
 def _print_stream(loaded, prompt_tokens: list[int], params) -> None:
@@ -94,8 +73,8 @@ def _print_stream(loaded, prompt_tokens: list[int], params) -> None:
 def cmd_complete(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise QGPTError("the prompt is empty: give some text to continue")
-    params = _sampling(args)  # bad values fail before the model loads
-    loaded = _load(args)
+    params = sampling_from_args(args)  # bad values fail before the model loads
+    loaded = load_from_args(args)
     tokenizer = loaded.tokenizer
     prompt_tokens = tokenizer.encode(args.prompt, bos=getattr(tokenizer, "add_bos", True))
     _print_stream(loaded, prompt_tokens, params)
@@ -107,8 +86,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     if not args.message.strip():
         raise QGPTError("the message is empty")
-    params = _sampling(args)
-    loaded = _load(args)
+    params = sampling_from_args(args)
+    loaded = load_from_args(args)
     dialog = ([{"role": "system", "content": args.system}] if args.system else [])
     dialog.append({"role": "user", "content": args.message})
     prompt_tokens = chat_tokens(loaded.info, loaded.tokenizer, dialog)
@@ -123,9 +102,6 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"complete": cmd_complete, "chat": cmd_chat, "models": cmd_models}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -134,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return eval_main(argv[1:])
         args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
+        return args.run(args)
     except QGPTError as exc:
         print(f"qgpt: error: {exc}", file=sys.stderr)
         return 1

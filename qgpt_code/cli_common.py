@@ -1,0 +1,78 @@
+"""Command-line options shared by every `qgpt` command that runs a model, and what they build.
+
+Imports only argparse at module level: `qgpt --help` must not pay for torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="checkpoint: a .gguf file, a Meta or an HF directory "
+                        "(default: $QGPT_MODEL, then the embedded SmolLM2-135M)")
+    parser.add_argument("--tokenizer", help="tokenizer.model to use instead of the one beside the weights")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="weights' dtype (default: bfloat16 on CUDA, float32 on CPU)")
+
+
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=256, help="new tokens at most (default: 256)")
+    parser.add_argument("--temperature", type=float, default=0.6, help="0 for greedy (default: 0.6, as Meta)")
+    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus mass (default: 0.9, as Meta)")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens; 0: off")
+    parser.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """Serving-engine limits (for long-running commands: serve, lsp)."""
+    parser.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default: 8)")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="requests waiting beyond the batch; more are refused as overloaded (default: 64)")
+    parser.add_argument("--max-seq-len", type=int,
+                        help="tokens per sequence, prompt + completion (default: the model's context, at most 4096)")
+    parser.add_argument("--cache-bytes", type=_byte_size,
+                        help="KV-cache budget, e.g. 2G or 512M (default: half the free GPU memory, 2G on the CPU)")
+
+
+def _byte_size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    number, unit = text.strip().upper().rstrip("IB"), ""
+    if number and number[-1] in units:
+        number, unit = number[:-1], number[-1]
+    try:
+        return int(float(number) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (try 2G or 512M)") from None
+
+
+def load_from_args(args: argparse.Namespace):
+    """The model the options name, loaded with progress on stderr."""
+    from qgpt_code.checkpoints import load_model, stderr_progress
+    from qgpt_code.models import resolve_model_path
+
+    path = resolve_model_path(args.model)
+    print(f"qgpt: loading {path}", file=sys.stderr)
+    return load_model(path, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
+                      progress=stderr_progress("qgpt: loading weights"))
+
+
+def sampling_from_args(args: argparse.Namespace):
+    """SamplingParams from the sampling options (validated: a bad value is a QGPTError)."""
+    from qgpt_code.generation import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+
+
+
+
+def engine_from_args(args: argparse.Namespace, loaded):
+    """A serving Engine over `loaded`, sized by the engine options."""
+    from qgpt_code.engine import Engine
+
+    return Engine(loaded, max_batch=args.max_batch, max_queue=args.max_queue,
+                  cache_bytes=args.cache_bytes, max_seq_len=args.max_seq_len)

@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP endpoint over the shared Engine (FastAPI + uvicorn)."""
