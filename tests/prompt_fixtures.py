@@ -1,5 +1,6 @@
 """Shared artefacts for the prompts tests: SentencePiece tokenizers trained once per process, a tokenizer
-with added special tokens (as GGUF chat models have), and a model-info stand-in."""
+with added special tokens (as GGUF chat models have), a model-info stand-in, a long real source file,
+and a hypothesis strategy for Llama 2 dialogs."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import inspect
 from dataclasses import dataclass, field
 
 from builders import train_sentencepiece
+from hypothesis import strategies as st
 
 from qgpt_code.tokenizer import SentencePieceTokenizer
 
@@ -96,3 +98,22 @@ def long_python_file(n_lines: int = 3000) -> str:
         lines.extend(inspect.getsource(module).splitlines())
     assert len(lines) >= n_lines
     return "\n".join(lines[:n_lines]) + "\n"
+
+
+TAGS = ["[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"]
+# Contents mix code, unicode, whitespace at the edges (stripped) and inside (kept), and tag-like text.
+_fragments = st.sampled_from([*"abcdef xyz_(){}[]<>/:=.,'\"\n\t 🙂名前ÿ", "INST", "SYS", "def ", "    ", "\n\n"])
+_content = st.lists(_fragments, max_size=20).map("".join).filter(lambda text: not any(tag in text for tag in TAGS))
+
+
+@st.composite
+def dialogs(draw):
+    """Valid dialogs: an optional system message, 0-3 exchanges, a final user message."""
+    n_exchanges = draw(st.integers(0, 3))
+    messages = []
+    if draw(st.booleans()):
+        messages.append({"role": "system", "content": draw(_content)})
+    for _ in range(n_exchanges):
+        messages += [{"role": "user", "content": draw(_content)}, {"role": "assistant", "content": draw(_content)}]
+    messages.append({"role": "user", "content": draw(_content)})
+    return messages

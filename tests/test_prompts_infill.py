@@ -109,3 +109,30 @@ def test_models_without_infill_pieces_get_a_clear_error():
     assert isinstance(raised.value, QGPTError)
     with pytest.raises(InfillUnsupportedError):
         infill_stop_id(tokenizer)
+
+
+class CharTokenizer:
+    """One id per character and no implicit space, like a byte-level BPE (SmolLM2) at its simplest."""
+
+    bos_id, eos_id, pad_id, vocab_size = -1, 0, -1, 0x110000
+
+    def encode(self, text, bos=False, eos=False):
+        return [ord(char) for char in text] + ([self.eos_id] if eos else [])
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids if i)
+
+    def piece_to_id(self, piece):
+        return ord(piece) if len(piece) == 1 else None
+
+    def id_to_piece(self, token_id):
+        return chr(token_id)
+
+
+def test_tokenizers_without_an_implicit_space_encode_as_they_are():
+    from qgpt_code.prompts.infill import adds_leading_space
+
+    tokenizer = CharTokenizer()
+    assert not adds_leading_space(tokenizer) and adds_leading_space(code_llama_tokenizer())
+    assert encode_without_leading_space(tokenizer, "☺(x)") == tokenizer.encode("☺(x)")
+    assert decode_without_leading_space(tokenizer, tokenizer.encode(" 42")) == " 42"
