@@ -16,6 +16,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="weights' dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--quantize", choices=["int8"],
+                        help="weight-only int8 for the linear layers, applied after loading")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -56,8 +58,13 @@ def load_from_args(args: argparse.Namespace):
 
     path = resolve_model_path(args.model)
     print(f"qgpt: loading {path}", file=sys.stderr)
-    return load_model(path, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
-                      progress=stderr_progress("qgpt: loading weights"))
+    loaded = load_model(path, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
+                        progress=stderr_progress("qgpt: loading weights"))
+    if args.quantize == "int8":
+        from qgpt_code.quantize import quantize_int8
+
+        quantize_int8(loaded.model)
+    return loaded
 
 
 def sampling_from_args(args: argparse.Namespace):

@@ -206,5 +206,5 @@ class Transformer(nn.Module):
         if last_index is not None:
             h = h[torch.arange(B, device=h.device), last_index][:, None, :]  # (B, 1, dim)
         h = self.norm(h)
-        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return F.linear(h, weight).float()
+        logits = F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
+        return logits.float()
