@@ -89,7 +89,10 @@ class TextState:
     def __init__(self, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams, budget: int):
         self.decoder = IncrementalDecoder(tokenizer, prompt)
         self.stops = StopStringFilter(params.stop)
-        self.stop_ids = ({tokenizer.eos_id} - {-1} if not params.ignore_eos else set()) | set(params.stop_ids)
+        # A tokenizer may know several end-of-generation ids (GGUF `eog_ids`: SmolLM2 ends chats with
+        # <|im_end|> but plain completions with <|endoftext|>); EOS alone otherwise.
+        end_ids = set(getattr(tokenizer, "eog_ids", ())) | {tokenizer.eos_id}
+        self.stop_ids = (end_ids - {-1} if not params.ignore_eos else set()) | set(params.stop_ids)
         self.budget = budget  # new tokens this sequence may still produce
 
     def accept(self, token: int, logprob: float | None) -> TokenEvent:

@@ -103,7 +103,9 @@ class GGUFVocab:
     def from_metadata(cls, meta: Mapping[str, Any], source: str) -> "GGUFVocab":
         tokens = meta.get("tokenizer.ggml.tokens")
         if not tokens:
-            raise TokenizerError(f"{source}: the file holds no tokenizer (tokenizer.ggml.tokens); pass one with --tokenizer")
+            raise TokenizerError(
+                f"{source}: the file holds no tokenizer (tokenizer.ggml.tokens); pass one with --tokenizer"
+            )
         model = meta.get("tokenizer.ggml.model", "llama")
         n = len(tokens)
         types = np.asarray(meta.get("tokenizer.ggml.token_type", np.full(n, NORMAL)), dtype=np.int32)
@@ -148,8 +150,6 @@ def partition(text: str, specials: Sequence[tuple[str, int]]) -> list[str | int]
     token in turn (longest first) is found left to right in the fragments still plain."""
     fragments: list[str | int] = [text] if text else []
     for piece, token_id in specials:
-        if not any(isinstance(f, str) and piece in f for f in fragments):
-            continue
         cut: list[str | int] = []
         for fragment in fragments:
             if isinstance(fragment, int) or piece not in fragment:
@@ -310,6 +310,10 @@ class GGUFByteLevelBPETokenizer(_SpecialTokens):
                 ids.extend(self._engine.encode(fragment, add_special_tokens=False).ids)
         return ids
 
+    def pre_tokens(self, text: str) -> list[str]:
+        """The pieces the declared pre-tokenizer cuts `text` into (in the byte alphabet: " a" is "Ġa")."""
+        return [piece for piece, _ in self._engine.pre_tokenizer.pre_tokenize_str(text)]
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`; control tokens print nothing (as SentencePiece and llama.cpp do)."""
         return b"".join(self._bytes[i] for i in ids).decode("utf-8", errors="replace")
@@ -333,7 +337,10 @@ def _token_bytes(text: str, kind: int) -> bytes:
     if kind == USER_DEFINED:
         return text.encode("utf-8")  # stored as written, not in the byte alphabet
     table = byte_decoder()
-    return b"".join(bytes([table[c]]) if c in table else c.encode("utf-8") for c in text)
+    try:
+        return bytes(map(table.__getitem__, text))
+    except KeyError:  # a character outside the byte alphabet (a mislabelled added token): as written
+        return b"".join(bytes([table[c]]) if c in table else c.encode("utf-8") for c in text)
 
 
 def tokenizer_from_metadata(meta: Mapping[str, Any], source: str) -> Tokenizer:

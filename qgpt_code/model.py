@@ -159,7 +159,12 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # Embedding's own init (normal_) on the meta device costs seconds the first time it runs (it
+        # loads Python decompositions); checkpoints overwrite it anyway, so initialise only real weights.
+        embedding = torch.empty(args.vocab_size, args.dim)
+        if embedding.device.type != "meta":
+            nn.init.normal_(embedding)
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, _weight=embedding)
         self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         # Tied models project with tok_embeddings.weight and have no output weight of their own.

@@ -42,6 +42,7 @@ from qgpt_code.tokenizer import Tokenizer, load_tokenizer
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
+DEQUANTIZE_CHUNK = 1 << 22  # values per dequantize call
 
 # Types whose dequantization is exercised by the tests; others the gguf package knows also load.
 TESTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
@@ -85,9 +86,22 @@ class _Cursor:
         return struct.unpack_from(fmt, self.buf, self._advance(struct.calcsize(fmt)))[0]
 
     def string(self) -> str:
-        n = self.scalar("<Q")
-        start = self._advance(n)
-        return self.buf[start : start + n].decode("utf-8")
+        return self.strings(1)[0]
+
+    def strings(self, count: int) -> list[str]:
+        """`count` length-prefixed UTF-8 strings in a row (a vocabulary: tens of thousands), in one tight loop."""
+        buf, pos, size, out = self.buf, self.pos, len(self.buf), []
+        unpack = struct.Struct("<Q").unpack_from
+        for _ in range(count):
+            if pos + 8 > size:
+                raise _Truncated
+            (n,) = unpack(buf, pos)
+            pos += 8 + n
+            if pos > size:
+                raise _Truncated
+            out.append(buf[pos - n : pos].decode("utf-8"))
+        self.pos = pos
+        return out
 
     def value(self, kind: GGUFValueType) -> Any:
         """A metadata value: a Python scalar or str, a numpy array of numbers, or a list."""
@@ -100,6 +114,8 @@ class _Cursor:
                 dtype = _ARRAY_DTYPES[item_kind]
                 start = self._advance(count * dtype.itemsize)
                 return np.frombuffer(self.buf, dtype, count, start).copy()  # copy: no view pins the map
+            if item_kind == GGUFValueType.STRING:
+                return self.strings(count)
             return [self.value(item_kind) for _ in range(count)]
         return self.scalar(_SCALARS[kind])
 
@@ -177,23 +193,29 @@ class GGUFFile:
 
     def dequantized(self, info: TensorInfo) -> np.ndarray:
         """The tensor as float32, shaped `info.shape`; a CheckpointError for types we cannot decode."""
-        raw = np.frombuffer(self._map, np.uint8, info.n_bytes, info.offset)
-        block_size, type_size = GGML_QUANT_SIZES[info.qtype]
+        block_size, _ = GGML_QUANT_SIZES[info.qtype]
+        cols = info.shape[-1]
         rows = int(np.prod(info.shape[:-1], dtype=np.int64))
-        if info.shape[-1] % block_size:
+        if cols % block_size:
             raise CheckpointError(
-                f"{self.path}: tensor {info.name!r} has rows of {info.shape[-1]} values, "
+                f"{self.path}: tensor {info.name!r} has rows of {cols} values, "
                 f"not a multiple of the {info.qtype.name} block ({block_size})"
             )
+        raw = np.frombuffer(self._map, np.uint8, info.n_bytes, info.offset).reshape(rows, -1)  # (rows, row bytes)
+        out = np.empty((rows, cols), np.float32)
+        step = max(1, DEQUANTIZE_CHUNK // cols)
         try:
-            values = dequantize(raw.reshape(rows, -1), info.qtype)  # (rows, cols) float32
+            for start in range(0, rows, step):
+                # Blocks never straddle rows, so many rows dequantize as one long row: one vectorised
+                # call instead of gguf's groups of 16 rows (twice as fast), with bounded scratch memory.
+                chunk = raw[start : start + step]
+                out[start : start + len(chunk)] = dequantize(chunk.reshape(1, -1), info.qtype).reshape(len(chunk), cols)
         except NotImplementedError:
             raise CheckpointError(
                 f"{self.path}: tensor {info.name!r} is stored as {info.qtype.name}, which cannot be "
                 f"dequantized here (tested: {', '.join(TESTED_TYPES)})"
             ) from None
-        values = values.reshape(info.shape)
-        return values if values.flags.writeable else values.copy()  # F32 comes back as a view of the map
+        return out.reshape(info.shape)
 
 
 # --- architecture -----------------------------------------------------------------------------------
@@ -244,6 +266,8 @@ def read_args(file: GGUFFile) -> ModelArgs:
         raise CheckpointError(f"{path}: rotary scaling ({kind}) is not supported")
 
     dim, n_heads = key("embedding_length"), key("attention.head_count")
+    if n_heads <= 0:
+        raise CheckpointError(f"{path}: llama.attention.head_count is {n_heads}")
     head_dim = key("attention.key_length", dim // n_heads)
     if key("attention.value_length", head_dim) != head_dim or key("rope.dimension_count", head_dim) != head_dim:
         raise CheckpointError(f"{path}: partial rotary or unequal key/value head sizes are not supported")
@@ -259,13 +283,18 @@ def read_args(file: GGUFFile) -> ModelArgs:
             vocab_size=embedding.shape[0],
             hidden_dim=key("feed_forward_length"),
             head_dim=head_dim,
-            norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(key("rope.freq_base", 10000.0)),
+            norm_eps=_decimal(key("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=_decimal(key("rope.freq_base", 10000.0)),
             max_seq_len=key("context_length", 4096),
             tie_embeddings="output.weight" not in file.tensors,  # llama.cpp reuses token_embd then
         )
     except ValueError as exc:
         raise CheckpointError(f"{path}: invalid architecture ({exc})") from None
+
+
+def _decimal(value: float) -> float:
+    """A float32 metadata value as the decimal it was written from (9.99999975e-06 -> 1e-05)."""
+    return float(str(np.float32(value)))
 
 
 def quantization(file: GGUFFile) -> str:
