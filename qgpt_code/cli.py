@@ -47,9 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _front_end_commands():
     """`register(subparsers)` functions of the front ends (argparse-only modules: --help stays instant)."""
+    from qgpt_code.lsp.command import add_lsp_command
     from qgpt_code.server.command import add_serve_command
 
-    return [add_serve_command]
+    return [add_serve_command, add_lsp_command]
 
 
 def _version() -> str:

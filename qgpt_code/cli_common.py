@@ -51,15 +51,16 @@ def _byte_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (try 2G or 512M)") from None
 
 
-def load_from_args(args: argparse.Namespace):
-    """The model the options name, loaded with progress on stderr."""
+def load_from_args(args: argparse.Namespace, progress=None):
+    """The model the options name, loaded (progress: a callback(done, total); default a counter on
+    stderr), then quantized if asked."""
     from qgpt_code.checkpoints import load_model, stderr_progress
     from qgpt_code.models import resolve_model_path
 
     path = resolve_model_path(args.model)
     print(f"qgpt: loading {path}", file=sys.stderr)
     loaded = load_model(path, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
-                        progress=stderr_progress("qgpt: loading weights"))
+                        progress=progress or stderr_progress("qgpt: loading weights"))
     if args.quantize == "int8":
         from qgpt_code.quantize import quantize_int8
 
