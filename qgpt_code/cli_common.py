@@ -36,11 +36,11 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                         help="requests waiting beyond the batch; more are refused as overloaded (default: 64)")
     parser.add_argument("--max-seq-len", type=int,
                         help="tokens per sequence, prompt + completion (default: the model's context, at most 4096)")
-    parser.add_argument("--cache-bytes", type=_byte_size,
+    parser.add_argument("--cache-bytes", type=byte_size,
                         help="KV-cache budget, e.g. 2G or 512M (default: half the free GPU memory, 2G on the CPU)")
 
 
-def _byte_size(text: str) -> int:
+def byte_size(text: str) -> int:
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     number, unit = text.strip().upper().rstrip("IB"), ""
     if number and number[-1] in units:

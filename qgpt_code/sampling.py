@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy: the distribution is a point mass anyway
+
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     """(B, V) -> (B,) the most likely token of each row."""
@@ -42,9 +44,9 @@ def sample(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """(B, V) float logits -> (B,) next tokens under the given sampling settings."""
-    if temperature <= 0:
+    if temperature < MIN_TEMPERATURE:  # dividing by a vanishing temperature overflows to inf, then NaN
         return greedy(logits)
-    probs = torch.softmax(top_k_filter(logits, top_k) / temperature, dim=-1)
+    probs = torch.softmax(top_k_filter(logits.float(), top_k) / temperature, dim=-1)
     return sample_top_p(probs, top_p, generator)
 
 

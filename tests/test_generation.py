@@ -125,3 +125,9 @@ def test_sampling_params_are_validated():
         SamplingParams(top_p=0)
     with pytest.raises(QGPTError, match="max_new_tokens"):
         SamplingParams(max_new_tokens=0)
+
+
+def test_vanishing_temperature_is_greedy_not_nan():
+    logits = torch.tensor([[1.0, 3.0, 2.0]], dtype=torch.float16)
+    assert sample(logits, temperature=1e-30).item() == 1
+    assert sample(logits, temperature=1e-3, generator=torch.Generator().manual_seed(0)).item() == 1
