@@ -13,9 +13,8 @@ import os
 import sys
 from typing import Sequence
 
-from qgpt_code.cli_common import add_engine_options, add_model_options
+from qgpt_code.cli_common import API_KEY_ENV, add_engine_options, add_model_options
 
-API_KEY_ENV = "QGPT_API_KEY"
 SERVER_ENV = "QGPT_SERVER"
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+API_KEY_ENV = "QGPT_API_KEY"  # the bearer key of `qgpt serve`, and of clients talking to it
+
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="checkpoint: a .gguf file, a Meta or an HF directory "

@@ -7,9 +7,7 @@ import ipaddress
 import os
 import sys
 
-from qgpt_code.cli_common import byte_size, add_engine_options, add_model_options, add_sampling_options
-
-API_KEY_ENV = "QGPT_API_KEY"
+from qgpt_code.cli_common import API_KEY_ENV, add_engine_options, add_model_options, add_sampling_options, byte_size
 
 
 def add_serve_command(commands) -> None:
