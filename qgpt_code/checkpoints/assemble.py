@@ -8,6 +8,7 @@ target device: host RAM holds at most one converted tensor beyond the (memory-ma
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -52,6 +53,17 @@ class LoadedModel:
     @property
     def dtype(self) -> torch.dtype:
         return self.model.tok_embeddings.weight.dtype
+
+
+def meta_name(name: str, top_names: dict[str, str], layer_pattern: str, layer_names: dict[str, str]) -> str | None:
+    """The Meta name of a tensor named in another format: a whole-model name from `top_names`, or a
+    per-layer weight whose `layer_pattern` captures (layer index, layer-local name); None otherwise."""
+    if name in top_names:
+        return top_names[name]
+    match = re.fullmatch(layer_pattern, name)
+    if match and match.group(2) in layer_names:
+        return f"layers.{match.group(1)}.{layer_names[match.group(2)]}.weight"
+    return None
 
 
 def build_model(

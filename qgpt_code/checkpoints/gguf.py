@@ -34,6 +34,7 @@ from qgpt_code.checkpoints.assemble import (
     Progress,
     build_model,
     check_tokenizer_fits,
+    meta_name,
 )
 from qgpt_code.config import ModelArgs
 from qgpt_code.errors import CheckpointError
@@ -232,12 +233,8 @@ IGNORED = re.compile(r"^blk\.\d+\.attn_rot_embd$")  # a precomputed rotary table
 
 
 def our_name(gguf_name: str) -> str | None:
-    if gguf_name in TOP_NAMES:
-        return TOP_NAMES[gguf_name]
-    match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name)
-    if match and match.group(2) in LAYER_NAMES:
-        return f"layers.{match.group(1)}.{LAYER_NAMES[match.group(2)]}.weight"
-    return None
+    """Meta name for a GGUF tensor name; None when it has no counterpart."""
+    return meta_name(gguf_name, TOP_NAMES, r"blk\.(\d+)\.(\w+)\.weight", LAYER_NAMES)
 
 
 def read_args(file: GGUFFile) -> ModelArgs:

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import torch
 
-from qgpt_code.checkpoints.assemble import NamedTensors
+from qgpt_code.checkpoints.assemble import NamedTensors, meta_name
 from qgpt_code.config import ModelArgs, read_json
 from qgpt_code.errors import CheckpointError
 
@@ -51,12 +51,7 @@ def read_args(path: Path) -> ModelArgs:
 
 def our_name(hf_name: str) -> str | None:
     """Meta name for an HF tensor name; None when it has no counterpart."""
-    if hf_name in TOP_NAMES:
-        return TOP_NAMES[hf_name]
-    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", hf_name)
-    if match and match.group(2) in LAYER_NAMES:
-        return f"layers.{match.group(1)}.{LAYER_NAMES[match.group(2)]}.weight"
-    return None
+    return meta_name(hf_name, TOP_NAMES, r"model\.layers\.(\d+)\.(.+)\.weight", LAYER_NAMES)
 
 
 def unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
