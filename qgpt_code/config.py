@@ -1,8 +1,9 @@
-"""Model architecture (`ModelArgs`) and runtime limits (`RuntimeConfig`), kept apart on purpose.
+"""Model architecture (`ModelArgs`) and its named presets.
 
 `ModelArgs` says what a checkpoint *is* (layer count, widths, rope base); it comes from a Meta
-`params.json`, an HF `config.json`, GGUF metadata or a named preset. `RuntimeConfig` says how we run
-it (how long a KV cache, how many rows, which device and dtype); it never changes the weights.
+`params.json`, an HF `config.json`, GGUF metadata or a named preset. How a model *runs* is kept
+apart on purpose: device and dtype are arguments of `load_model`, and the KV-cache length, batch size
+and cache budget are arguments of `Engine` (flags --max-seq-len, --max-batch, --cache-bytes).
 """
 
 from __future__ import annotations
@@ -139,13 +140,3 @@ def preset(name: str) -> ModelArgs:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
-
-
-@dataclass(frozen=True)
-class RuntimeConfig:
-    """How a loaded model runs; nothing here changes what the model computes."""
-
-    max_seq_len: int | None = None  # KV-cache length; None: the model's trained context
-    max_batch_size: int = 1  # rows in the KV cache
-    device: str | None = None  # None: "cuda" when available, else "cpu"
-    dtype: str | None = None  # None: bfloat16 on CUDA, float32 on CPU
