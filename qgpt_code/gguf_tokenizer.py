@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -164,6 +164,19 @@ def partition(text: str, specials: Sequence[tuple[str, int]]) -> list[str | int]
     return fragments
 
 
+def encode_around(
+    text: str, specials: Sequence[tuple[str, int]], encode: Callable[[str], list[int]]
+) -> list[int]:
+    """Ids of `text` with the `specials` cut out whole (see `partition`) and the rest `encode`d."""
+    ids: list[int] = []
+    for fragment in partition(text, specials):
+        if isinstance(fragment, int):
+            ids.append(fragment)
+        else:
+            ids.extend(encode(fragment))
+    return ids
+
+
 class _SpecialTokens:
     """What both GGUF tokenizers share: ids from the file's metadata, `add_bos`, end-of-generation
     ids, and `encode_special`. Subclasses define `_encode_plain(text)` and `_special_types`."""
@@ -187,13 +200,7 @@ class _SpecialTokens:
 
     def encode_special(self, text: str) -> list[int]:
         """Ids of `text` in which special-token strings (`<|im_start|>`, `<s>`) become their ids; no BOS added."""
-        ids: list[int] = []
-        for fragment in partition(text, self._specials):
-            if isinstance(fragment, int):
-                ids.append(fragment)
-            else:
-                ids.extend(self._encode_plain(fragment))
-        return ids
+        return encode_around(text, self._specials, self._encode_plain)
 
     def _encode_plain(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -302,13 +309,8 @@ class GGUFByteLevelBPETokenizer(_SpecialTokens):
         self._bytes = [_token_bytes(text, kind) for text, kind in zip(vocab.tokens, vocab.types.tolist())]
 
     def _encode_plain(self, text: str) -> list[int]:
-        ids: list[int] = []
-        for fragment in partition(text, self._user_defined):
-            if isinstance(fragment, int):
-                ids.append(fragment)
-            else:
-                ids.extend(self._engine.encode(fragment, add_special_tokens=False).ids)
-        return ids
+        return encode_around(text, self._user_defined,
+                             lambda fragment: self._engine.encode(fragment, add_special_tokens=False).ids)
 
     def pre_tokens(self, text: str) -> list[str]:
         """The pieces the declared pre-tokenizer cuts `text` into (in the byte alphabet: " a" is "Ġa")."""
