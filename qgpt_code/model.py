@@ -27,24 +27,26 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 whatever the activations' dtype, as Meta does.
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one op: same math in fp32
+        # Normalise in float32 whatever the activations' dtype, then scale in theirs, as Meta does.
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of every position's rotation angles, (max_seq_len, head_dim // 2) float32 each."""
+def rope_table(head_dim: int, max_seq_len: int, theta: float, device=None) -> torch.Tensor:
+    """Every position's rotations as unit complex numbers, (max_seq_len, head_dim // 2) complex64."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, hd) by angles cos/sin (B, T, hd/2)."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
-    even, odd = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B, T, 1, hd/2)
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, hd) by rotations (B, T, 1, hd/2) complex.
+
+    Meta's formulation: each pair is one complex number, so the rotation is one complex product
+    (a handful of ops where the cos/sin form needs a dozen; decode is bound by op count)."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, H, hd/2)
+    return torch.view_as_real(pairs * rotations).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
@@ -65,9 +67,8 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # (B, T, dim)
-        cos: torch.Tensor,  # (B, T, hd/2)
-        sin: torch.Tensor,  # (B, T, hd/2)
-        mask: torch.Tensor,  # (B, 1, T, S) bool: True where a query may attend a key
+        rotations: torch.Tensor,  # (B, T, 1, hd/2) complex: each token's rotary angles
+        mask: torch.Tensor,  # (B, 1, T, S) additive: 0 where a query may attend a key, -inf elsewhere
         cache: KVCache | None,
         rows: torch.Tensor,  # (B,) cache rows written
         read_rows: torch.Tensor | slice,  # the same rows, as a slice when contiguous (no copy)
@@ -76,7 +77,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
-        qk = apply_rope(qkv[:, :, : self.n_heads + self.n_kv_heads], cos, sin)  # q and k heads in one go
+        qk = apply_rope(qkv[:, :, : self.n_heads + self.n_kv_heads], rotations)  # q and k heads in one go
         q, k = qk.split((self.n_heads, self.n_kv_heads), dim=2)  # (B, T, H, hd), (B, T, n_kv, hd)
         v = qkv[:, :, self.n_heads + self.n_kv_heads :]  # (B, T, n_kv, hd)
         if cache is not None:
@@ -84,10 +85,18 @@ class Attention(nn.Module):
             keys, values = cache.read(self.layer_id, read_rows, kv_len)  # (B, n_kv, S, hd)
         else:
             keys, values = k.transpose(1, 2), v.transpose(1, 2)  # (B, n_kv, T, hd)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads
-        )  # (B, H, T, hd)
-        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        if T == 1:
+            # One query per row: the query heads sharing a KV head become that head's queries, so
+            # attention runs on the KV heads as they are (no repeat) and the mask broadcasts.
+            group = self.n_heads // self.n_kv_heads
+            out = F.scaled_dot_product_attention(
+                q.view(B, self.n_kv_heads, group, self.head_dim), keys, values, attn_mask=mask
+            )  # (B, n_kv, group, hd): heads in q's order
+        else:
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads
+            ).transpose(1, 2)  # (B, T, H, hd)
+        return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
 
 
 class FeedForward(nn.Module):
@@ -169,17 +178,14 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         # Tied models project with tok_embeddings.weight and have no output weight of their own.
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
-        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.register_buffer("rope", torch.empty(0, dtype=torch.complex64), persistent=False)
         if self.tok_embeddings.weight.device.type != "meta":
             self.init_rope()
 
     def init_rope(self, max_seq_len: int | None = None) -> None:
         """(Re)build the rotary tables on the weights' device; called after weights are assigned."""
         length = max(max_seq_len or 0, self.args.max_seq_len)
-        self.rope_cos, self.rope_sin = rope_tables(
-            self.args.head_dim, length, self.args.rope_theta, self.tok_embeddings.weight.device
-        )
+        self.rope = rope_table(self.args.head_dim, length, self.args.rope_theta, self.tok_embeddings.weight.device)
 
     def forward(
         self,
@@ -192,7 +198,7 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Logits (B, T, vocab) float32, or (B, 1, vocab) when `last_index` is given."""
         B, T = tokens.shape
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, hd/2)
+        rotations = self.rope[positions][:, :, None, :]  # (B, T, 1, hd/2) complex
         if cache is None:
             kv_len, read_rows, rows = T, slice(None), tokens.new_zeros(0)
             key_positions = positions[:, None, :]  # (B, 1, T)
@@ -204,10 +210,12 @@ class Transformer(nn.Module):
             read_rows = slice(rows[0], rows[0] + B) if contiguous else torch.tensor(rows, device=tokens.device)
             rows = torch.tensor(rows, device=tokens.device)
             key_positions = torch.arange(kv_len, device=tokens.device)[None, None, :]  # (1, 1, S)
-        mask = (key_positions <= positions[:, :, None]).unsqueeze(1)  # (B, 1, T, S)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
+        # Additive, built once for all layers (SDPA would convert a boolean mask in every layer).
+        hidden = (key_positions > positions[:, :, None]).unsqueeze(1)  # (B, 1, T, S): keys a query may not see
+        mask = torch.zeros(hidden.shape, dtype=h.dtype, device=h.device).masked_fill_(hidden, float("-inf"))
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, cache, rows, read_rows, positions, kv_len)
+            h = layer(h, rotations, mask, cache, rows, read_rows, positions, kv_len)
         if last_index is not None:
             h = h[torch.arange(B, device=h.device), last_index][:, None, :]  # (B, 1, dim)
         h = self.norm(h)
