@@ -2,10 +2,10 @@
 
 A ~125M-parameter Llama config (preset `tiny-100m`: dim 768, 12 layers, 12 heads / 4 KV heads,
 vocab 32000) with random float32 weights, written once as an HF safetensors directory and loaded by
-both. Same prompt, same number of new tokens (greedy, no early stop); each side is timed over
---repeats runs after a warm-up and the best run is kept. Prints tokens/s for both and the ratio.
+both. Same prompt, same number of new tokens (greedy, no early stop); the two sides alternate over
+--repeats rounds after a warm-up round and each keeps its best run. Prints tokens/s for both and the ratio.
 
-    python bench/decode_cpu.py [--prompt-tokens 128] [--new-tokens 128] [--repeats 3]
+    python bench/decode_cpu.py [--prompt-tokens 128] [--new-tokens 128] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -43,21 +43,25 @@ def build_checkpoint(directory: Path):
     return model
 
 
-def best_time(fn, repeats: int) -> tuple[float, list[int]]:
-    fn()  # warm-up
-    times, out = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), out
+def best_times(runs: dict, repeats: int) -> dict[str, tuple[float, list[int]]]:
+    """Best wall time of each run over `repeats` rounds after one warm-up round. The runs alternate
+    within each round, so a neighbour's load drifting over the minutes touches both sides alike."""
+    best = {name: (float("inf"), None) for name in runs}
+    for round_ in range(repeats + 1):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            out = fn()
+            elapsed = time.perf_counter() - start
+            if round_ and elapsed < best[name][0]:
+                best[name] = (elapsed, out)
+    return best
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     opts = parser.parse_args()
 
     from qgpt_code import load_model
@@ -79,8 +83,8 @@ def main() -> None:
                                  do_sample=False, pad_token_id=0)
         return out[0, opts.prompt_tokens:].tolist()
 
-    t_ours, tokens_ours = best_time(run_ours, opts.repeats)
-    t_ref, tokens_ref = best_time(run_transformers, opts.repeats)
+    best = best_times({"ours": run_ours, "transformers": run_transformers}, opts.repeats)
+    (t_ours, tokens_ours), (t_ref, tokens_ref) = best["ours"], best["transformers"]
     import transformers
 
     print(f"model: tiny-100m ({ours.info.args.n_params / 1e6:.0f}M params, float32), "
