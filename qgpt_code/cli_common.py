@@ -20,6 +20,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="weights' dtype (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--quantize", choices=["int8"],
                         help="weight-only int8 for the linear layers, applied after loading")
+    parser.add_argument("--eager", action="store_true",
+                        help="on a GPU, run decode steps eagerly instead of replaying captured CUDA graphs")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -85,4 +87,5 @@ def engine_from_args(args: argparse.Namespace, loaded):
     from qgpt_code.engine import Engine
 
     return Engine(loaded, max_batch=args.max_batch, max_queue=args.max_queue,
-                  cache_bytes=args.cache_bytes, max_seq_len=args.max_seq_len)
+                  cache_bytes=args.cache_bytes, max_seq_len=args.max_seq_len,
+                  cuda_graphs=not getattr(args, "eager", False))

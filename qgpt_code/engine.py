@@ -20,6 +20,7 @@ from typing import AsyncIterator, Iterator, Sequence
 import torch
 
 from qgpt_code.checkpoints.assemble import LoadedModel
+from qgpt_code.decode_step import make_decode
 from qgpt_code.errors import QGPTError
 from qgpt_code.generation import Completion, SamplingParams, TokenEvent
 from qgpt_code.kv_cache import KVCache, PrefixStore
@@ -143,7 +144,8 @@ class Engine:
     max_batch: sequences decoded together; max_queue: requests waiting beyond those (more fail
     fast with EngineOverloaded); cache_bytes: KV-cache budget (default: half the free GPU memory,
     or 2 GiB on the CPU), split into rows of max_seq_len positions; at least max_batch + 1 rows are
-    needed so one finished prefix can stay cached while a full batch runs.
+    needed so one finished prefix can stay cached while a full batch runs. cuda_graphs: on a GPU,
+    capture the decode step in CUDA graphs at start-up (False: run it eagerly).
     """
 
     def __init__(
@@ -154,6 +156,7 @@ class Engine:
         cache_bytes: int | None = None,
         max_seq_len: int | None = None,
         prefill_chunk: int = 512,
+        cuda_graphs: bool = True,
     ):
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
@@ -172,7 +175,8 @@ class Engine:
             )
         cache = KVCache(args, rows, self.max_seq_len, loaded.device, loaded.dtype)
         self.store = PrefixStore(cache)
-        self.scheduler = Scheduler(loaded.model, loaded.tokenizer, self.store, max_batch, prefill_chunk)
+        decode = make_decode(loaded.model, cache, max_batch, cuda_graphs)  # graphs captured now, on a GPU
+        self.scheduler = Scheduler(loaded.model, loaded.tokenizer, self.store, max_batch, prefill_chunk, decode)
         self._lock = threading.Condition()
         self._incoming: deque[RequestHandle] = deque()
         self._handles: dict[int, RequestHandle] = {}  # sequence id -> handle, engine thread only

@@ -115,19 +115,25 @@ def generate(
     prompts: Sequence[Sequence[int]],
     params: SamplingParams,
     max_seq_len: int | None = None,
+    cuda_graphs: bool = False,
 ) -> Iterator[list[tuple[int, TokenEvent]]]:
     """Run prompts together to completion; yield, per step, (prompt index, event) pairs.
 
-    `max_seq_len` bounds prompt + completion (default: the model's trained context).
+    `max_seq_len` bounds prompt + completion (default: the model's trained context); `cuda_graphs`
+    replays decode steps from CUDA graphs on a GPU (captured for this call's cache: worth it for
+    long completions).
     """
-    from qgpt_code.scheduler import Scheduler  # the scheduler builds on this module's types
+    from qgpt_code.decode_step import make_decode  # these build on this module's types
+    from qgpt_code.scheduler import Scheduler
 
     context = min(max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
     prompts = [fit_prompt(p, context, params.truncate_prompt) for p in prompts]
     cache_len = max(len(p) + min(params.max_new_tokens, context - len(p)) for p in prompts)
     weights = model.tok_embeddings.weight
     cache = KVCache(model.args, len(prompts), cache_len, weights.device, weights.dtype)
-    scheduler = Scheduler(model, tokenizer, PrefixStore(cache), max_batch=len(prompts), prefill_chunk=cache_len)
+    decode = make_decode(model, cache, len(prompts), cuda_graphs)
+    scheduler = Scheduler(model, tokenizer, PrefixStore(cache), max_batch=len(prompts), prefill_chunk=cache_len,
+                          decode=decode)
     index = {scheduler.add(p, params).id: i for i, p in enumerate(prompts)}
     while scheduler.has_work():
         yield [(index[seq.id], event) for seq, event in scheduler.step()]
@@ -147,9 +153,11 @@ def generate_text(loaded: LoadedModel, prompt_tokens: Sequence[int], params: Sam
     return generate_batch(loaded, [prompt_tokens], params)[0]
 
 
-def stream_text(loaded: LoadedModel, prompt_tokens: Sequence[int], params: SamplingParams) -> Iterator[str]:
+def stream_text(
+    loaded: LoadedModel, prompt_tokens: Sequence[int], params: SamplingParams, cuda_graphs: bool = False
+) -> Iterator[str]:
     """The completion of one prompt as text pieces, each ending on a whole character."""
-    for events in generate(loaded.model, loaded.tokenizer, [prompt_tokens], params):
+    for events in generate(loaded.model, loaded.tokenizer, [prompt_tokens], params, cuda_graphs=cuda_graphs):
         for _, event in events:
             if event.text:
                 yield event.text

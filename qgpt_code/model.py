@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from qgpt_code.config import ModelArgs
 from qgpt_code.kv_cache import KVCache
@@ -68,7 +69,8 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,  # (B, T, dim)
         rotations: torch.Tensor,  # (B, T, 1, hd/2) complex: each token's rotary angles
-        mask: torch.Tensor,  # (B, 1, T, S) additive: 0 where a query may attend a key, -inf elsewhere
+        mask: torch.Tensor | CausalBias | None,  # (B, 1, T, S) additive (0: may attend, -inf: may not),
+        # a causal bias for a prompt chunk, or None: every query sees every key
         cache: KVCache | None,
         rows: torch.Tensor,  # (B,) cache rows written
         read_rows: torch.Tensor | slice,  # the same rows, as a slice when contiguous (no copy)
@@ -192,11 +194,17 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,  # (B, T) int64
         positions: torch.Tensor,  # (B, T) int64: each token's position in its sequence
         cache: KVCache | None = None,
-        rows: Sequence[int] | None = None,  # the cache row of each batch row; None: rows 0..B-1
+        rows: Sequence[int] | torch.Tensor | None = None,  # each batch row's cache row; None: rows 0..B-1
         kv_len: int | None = None,  # attend to cache positions [0, kv_len); None: the whole cache
         last_index: torch.Tensor | None = None,  # (B,) compute logits only at tokens[b, last_index[b]]
+        causal_from: int | None = None,  # every row's tokens sit at positions causal_from, causal_from+1, ...
     ) -> torch.Tensor:
-        """Logits (B, T, vocab) float32, or (B, 1, vocab) when `last_index` is given."""
+        """Logits (B, T, vocab) float32, or (B, 1, vocab) when `last_index` is given.
+
+        `rows` as a device tensor (B,) is for captured CUDA graphs: no host work, the rows' keys are
+        always gathered. `causal_from` (with a cache, and kv_len = causal_from + T) lets attention use
+        the causal kernels (flash attention on a GPU) instead of an explicit mask: a prompt chunk.
+        """
         B, T = tokens.shape
         rotations = self.rope[positions][:, :, None, :]  # (B, T, 1, hd/2) complex
         if cache is None:
@@ -204,16 +212,24 @@ class Transformer(nn.Module):
             key_positions = positions[:, None, :]  # (B, 1, T)
         else:
             kv_len = kv_len or cache.max_seq_len
-            rows = list(range(B)) if rows is None else list(rows)
-            # Consecutive rows are read as a view; any other set is gathered (a copy per layer).
-            contiguous = rows == list(range(rows[0], rows[0] + B))
-            read_rows = slice(rows[0], rows[0] + B) if contiguous else torch.tensor(rows, device=tokens.device)
-            rows = torch.tensor(rows, device=tokens.device)
+            if isinstance(rows, torch.Tensor):
+                read_rows = rows
+            else:
+                rows = list(range(B)) if rows is None else list(rows)
+                # Consecutive rows are read as a view; any other set is gathered (a copy per layer).
+                contiguous = rows == list(range(rows[0], rows[0] + B))
+                read_rows = slice(rows[0], rows[0] + B) if contiguous else torch.tensor(rows, device=tokens.device)
+                rows = torch.tensor(rows, device=tokens.device)
             key_positions = torch.arange(kv_len, device=tokens.device)[None, None, :]  # (1, 1, S)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
-        # Additive, built once for all layers (SDPA would convert a boolean mask in every layer).
-        hidden = (key_positions > positions[:, :, None]).unsqueeze(1)  # (B, 1, T, S): keys a query may not see
-        mask = torch.zeros(hidden.shape, dtype=h.dtype, device=h.device).masked_fill_(hidden, float("-inf"))
+        if cache is not None and causal_from is not None:
+            if kv_len != causal_from + T:
+                raise ValueError(f"causal_from={causal_from} needs kv_len={causal_from + T}, got {kv_len}")
+            mask = None if T == 1 else causal_lower_right(T, kv_len)  # one query sees every key
+        else:
+            # Additive, built once for all layers (SDPA would convert a boolean mask in every layer).
+            hidden = (key_positions > positions[:, :, None]).unsqueeze(1)  # (B, 1, T, S): keys a query may not see
+            mask = torch.zeros(hidden.shape, dtype=h.dtype, device=h.device).masked_fill_(hidden, float("-inf"))
         for layer in self.layers:
             h = layer(h, rotations, mask, cache, rows, read_rows, positions, kv_len)
         if last_index is not None:

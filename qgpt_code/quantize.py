@@ -3,7 +3,9 @@
 Each output channel (row) of a weight gets its own scale, max|w| / 127, and is stored as int8; the
 forward pass converts the weight back to the activations' dtype and rescales the output. Decoding one
 token reads every weight once, so halving (bf16) or quartering (fp32) the bytes read is the point; the
-conversion only pays off where it is fused into the matrix product (torch.compile on a GPU).
+conversion only pays off where it is fused into the matrix product: on a GPU, decode-sized products
+(a few rows) go through a torch.compile'd function whose generated kernel converts the int8 weight
+as it reads it; prompt-sized products are bound by arithmetic, not reads, and run eagerly.
 Embeddings and norms stay in floating point.
 """
 
@@ -32,7 +34,32 @@ class Int8Linear(nn.Module):
         return cls(weight, scales.to(linear.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype)) * self.scales
+        if x.is_cuda and x.shape[:-1].numel() <= FUSED_MAX_ROWS:
+            return fused_int8_matmul()(x, self.weight, self.scales)
+        return int8_matmul(x, self.weight, self.scales)
+
+
+FUSED_MAX_ROWS = 16  # decode steps: rows of activations (batch x tokens) at most
+_fused = None
+
+
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (..., in) @ int8 weight (out, in)^T, rescaled per output channel: (..., out)."""
+    return F.linear(x, weight.to(x.dtype)) * scales
+
+
+def fused_int8_matmul():
+    """int8_matmul compiled once per shape (static shapes: few, as decode batches come in buckets)."""
+    global _fused
+    if _fused is None:
+        import torch._dynamo
+
+        config = torch._dynamo.config  # each layer shape x batch bucket is one specialisation
+        for limit in ("recompile_limit", "cache_size_limit"):
+            if hasattr(config, limit):
+                setattr(config, limit, max(getattr(config, limit), 64))
+        _fused = torch.compile(int8_matmul, dynamic=False, fullgraph=True)
+    return _fused
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

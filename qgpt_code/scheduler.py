@@ -20,17 +20,16 @@ import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Sequence as Seq
+from typing import Callable, Sequence as Seq
 
 import torch
 
+from qgpt_code.decode_step import EagerDecode, kv_bucket
 from qgpt_code.generation import SamplingParams, TextState, TokenEvent, fit_prompt
 from qgpt_code.kv_cache import PrefixStore
 from qgpt_code.model import Transformer
 from qgpt_code.sampling import sample, token_logprobs
 from qgpt_code.tokenizer import Tokenizer
-
-KV_BUCKET = 256  # attend over the cache in steps of this many positions, not all of it every step
 
 _ids = itertools.count()
 
@@ -57,10 +56,6 @@ class Sequence:
         return self.computed < len(self.prompt)
 
 
-def _bucket(length: int, limit: int) -> int:
-    return min(limit, -(-length // KV_BUCKET) * KV_BUCKET)
-
-
 class Scheduler:
     def __init__(
         self,
@@ -69,8 +64,10 @@ class Scheduler:
         store: PrefixStore,
         max_batch: int,
         prefill_chunk: int = 512,
+        decode: Callable[[list[int], list[int], list[int], int], torch.Tensor] | None = None,
     ):
         self.model = model
+        self.decode = decode or EagerDecode(model, store.cache)  # (tokens, positions, rows, kv_len) -> (B, V)
         self.tokenizer = tokenizer
         self.store = store
         self.max_batch = max_batch
@@ -141,21 +138,18 @@ class Scheduler:
         chunk = seq.prompt[start : start + self.prefill_chunk]
         tokens = torch.tensor([chunk], device=self.device)
         positions = torch.arange(start, start + len(chunk), device=self.device)[None]
-        logits = self.model(tokens, positions, self.store.cache, rows=[seq.row],
-                            kv_len=_bucket(start + len(chunk), self.context),
-                            last_index=torch.tensor([len(chunk) - 1], device=self.device))
+        logits = self.model(tokens, positions, self.store.cache, rows=[seq.row], kv_len=start + len(chunk),
+                            last_index=torch.tensor([len(chunk) - 1], device=self.device), causal_from=start)
         self._computed(seq, chunk)
         return None if seq.prefilling else logits[:, -1]
 
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One token for each sequence, (B, V) logits."""
-        tokens = torch.tensor([[s.generated[-1]] for s in seqs], device=self.device)
-        positions = torch.tensor([[s.computed] for s in seqs], device=self.device)
-        kv_len = _bucket(max(s.computed for s in seqs) + 1, self.context)
-        logits = self.model(tokens, positions, self.store.cache, rows=[s.row for s in seqs], kv_len=kv_len)
+        kv_len = kv_bucket(max(s.computed for s in seqs) + 1, self.context)
+        logits = self.decode([s.generated[-1] for s in seqs], [s.computed for s in seqs], [s.row for s in seqs], kv_len)
         for seq in seqs:
             self._computed(seq, seq.generated[-1:])
-        return logits[:, -1]
+        return logits
 
     def _computed(self, seq: Sequence, tokens: list[int]) -> None:
         self.store.extend(seq.row, tokens)
