@@ -62,14 +62,17 @@ class StaticInputs:
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.rows = torch.zeros(batch, dtype=torch.long, device=device)
+        # Staged in pinned memory on a GPU: a copy from pageable memory would first wait for the device.
+        # Rewriting it next step is safe: each step's sampling waits for the device, copy included.
+        self.staging = torch.zeros(3, batch, dtype=torch.long, pin_memory=torch.device(device).type == "cuda")
 
     def fill(self, tokens: Sequence[int], positions: Sequence[int], rows: Sequence[int]) -> None:
         """Copy one step's inputs in, padding by repeating the last real row."""
         pad = len(self.rows) - len(tokens)
-        values = torch.tensor(
+        self.staging.copy_(torch.tensor(
             [[*tokens, *[tokens[-1]] * pad], [*positions, *[positions[-1]] * pad], [*rows, *[rows[-1]] * pad]]
-        )  # (3, batch) on the host: one transfer for all three
-        values = values.to(self.rows.device, non_blocking=True)
+        ))  # (3, batch): one transfer for all three
+        values = self.staging.to(self.rows.device, non_blocking=True)
         self.tokens.copy_(values[0, :, None])
         self.positions.copy_(values[1, :, None])
         self.rows.copy_(values[2])
