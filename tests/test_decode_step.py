@@ -145,3 +145,9 @@ def test_int8_logits_are_close_to_bf16_on_cuda(tiny_hf, monkeypatch):
     assert (prompt.argmax(-1) == reference.argmax(-1)).float().mean() > 0.9
     assert cosine(fused_one.flatten(), reference_one.flatten(), dim=0) > 0.99
     torch.testing.assert_close(fused_one, eager_one, rtol=0.02, atol=0.02)
+
+
+def test_the_cpu_always_decodes_eagerly(tiny_loaded):
+    args = tiny_loaded.model.args
+    cache = KVCache(args, 2, args.max_seq_len)
+    assert isinstance(decode_step.make_decode(tiny_loaded.model, cache, 2, cuda_graphs=True), EagerDecode)
