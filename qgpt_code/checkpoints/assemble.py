@@ -108,8 +108,8 @@ def build_model(
 def allocate_param(name: str, shape: tuple[int, ...], args: ModelArgs, device: torch.device, dtype: torch.dtype):
     """Uninitialised storage for one parameter. On the CPU, every matrix that multiplies activations
     is stored transposed (column-major: same shape and values, W.t() contiguous), because CPU BLAS
-    computes x @ W.t() much faster from that layout at small batch: for SmolLM2's shapes a decode step
-    took 0.8x the time at batch 1 and 0.6x at batch 8 (`python bench/prefix_cpu.py`). GPUs keep the
+    computes x @ W.t() much faster from that layout at small batch: a SmolLM2 decode step took 0.8x the
+    time at batch 1 and 0.6x at batch 8 (8 streams in `bench/prefix_cpu.py`: 2.8x -> 3.9x one). GPUs keep the
     usual layout, which cuBLAS handles best. The input embedding is only gathered from (rows), so it
     stays row-major unless it doubles as the output projection."""
     projects = len(shape) == 2 and (name != "tok_embeddings.weight" or args.tie_embeddings)
