@@ -247,7 +247,11 @@ class Engine:
 
     # -- engine thread ---------------------------------------------------------------------------
     def _queued_locked(self) -> int:
-        return len(self._incoming) + len(self.scheduler.waiting)
+        """Requests waiting beyond the batch: those not running yet, less the batch slots still free
+        (a request submitted while a slot is free is about to run; counting it would refuse a second
+        one that arrives before the engine thread has admitted the first)."""
+        pending = len(self._incoming) + len(self.scheduler.waiting)
+        return max(0, pending - (self.max_batch - len(self.scheduler.running)))
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)

@@ -145,6 +145,21 @@ def test_overload_fails_fast_when_the_queue_is_full(tiny_loaded):
         assert queued.result().finish_reason in ("length", "stop")
 
 
+def test_a_request_arriving_before_the_free_slot_is_taken_is_not_refused(tiny_loaded):
+    """Two submits back to back into one free slot and one queue place: the first is about to run, not
+    queued, so the second is accepted whether or not the engine thread has admitted the first yet."""
+    long_run = SamplingParams(max_new_tokens=240, temperature=0, ignore_eos=True)
+    with Engine(tiny_loaded, max_batch=1, max_queue=1, max_seq_len=256,
+                cache_bytes=small_budget(tiny_loaded, 2, 256)) as engine:
+        first = engine.submit(Request([1, 5, 6, 7], long_run))
+        second = engine.submit(Request([1, 8], long_run))
+        with pytest.raises(EngineOverloaded):  # one running (or about to), one waiting: now it is full
+            engine.submit(Request([1, 9], GREEDY))
+        first.cancel()
+        second.cancel()
+        assert first.result().finish_reason == second.result().finish_reason == "cancelled"
+
+
 def test_deadline_and_prompt_errors(tiny_loaded):
     with Engine(tiny_loaded, max_batch=1, max_seq_len=256, cache_bytes=small_budget(tiny_loaded, 2, 256)) as engine:
         late = engine.submit(Request([1, 2, 3], SamplingParams(max_new_tokens=240, temperature=0), timeout=0.0))

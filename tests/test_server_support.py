@@ -21,14 +21,14 @@ from qgpt_code.kv_cache import KVCache
 
 
 @functools.cache
-def infill_model():
+def infill_model(context: int = 1024):
     """A tiny random Llama with Code Llama's infilling pieces in its SentencePiece vocabulary and a
     1024-token context (long enough that a generation can be interrupted mid-way)."""
     from qgpt_code import load_model
 
     directory = Path(tempfile.mkdtemp(prefix="qgpt-server-model-"))
     atexit.register(shutil.rmtree, directory, ignore_errors=True)
-    model = hf_llama({"max_position_embeddings": 1024}, seed=3)
+    model = hf_llama({"max_position_embeddings": context}, seed=3)
     write_hf_dir(model, directory, train_sentencepiece(512, infill_pieces=True))
     return load_model(directory, device="cpu", dtype="float32")
 
