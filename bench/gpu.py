@@ -346,17 +346,11 @@ def matvec_chain(weights: list[torch.Tensor], inputs: dict[int, torch.Tensor]) -
 
 
 def graphed(fn: Callable[[], None]) -> Callable[[], None]:
-    """fn captured in one CUDA graph (after warm-up on a side stream, as capture requires); returns replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+    """fn captured in one CUDA graph, as the engine captures its decode steps; returns replay."""
+    from qgpt_code.decode_step import cuda_capture
+
+    replay, _ = cuda_capture()(fn)
+    return replay
 
 
 def measure_matvec(setup: Setup, report: Report, model) -> None:
