@@ -17,14 +17,7 @@ from pathlib import Path
 
 import torch
 
-
-class CountingTokenizer:
-    """The bench measures tokens, not text: no EOS, no decoding work."""
-
-    bos_id, eos_id, pad_id, vocab_size = 1, -1, -1, 32000
-
-    def decode(self, ids):
-        return ""
+from counting_tokenizer import CountingTokenizer  # bench/, beside this script
 
 
 def build_checkpoint(directory: Path):
@@ -69,7 +62,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         reference = build_checkpoint(Path(tmp))
-        ours = load_model(tmp, device="cpu", dtype="float32", tokenizer=CountingTokenizer())
+        ours = load_model(tmp, device="cpu", dtype="float32", tokenizer=CountingTokenizer(32000))
     prompt = torch.randint(3, 32000, (1, opts.prompt_tokens), generator=torch.Generator().manual_seed(1))
     params = SamplingParams(max_new_tokens=opts.new_tokens, temperature=0)
 

@@ -48,6 +48,8 @@ import torch.nn.functional as F
 
 from qgpt_code.config import ModelArgs, preset
 
+from counting_tokenizer import CountingTokenizer  # bench/, beside this script
+
 COPY_BYTES = 2 << 30  # the d2d copy buffer: large enough that launch overhead vanishes
 WEIGHT_STD = 0.02  # random weights ~ N(0, 0.02^2), norms 1: activations and logits stay O(1)
 MAX_BATCH = 8
@@ -232,18 +234,6 @@ def fractions(report: Report, seconds: float) -> str:
 
 
 # -- the model -------------------------------------------------------------------------------------
-
-
-class CountingTokenizer:
-    """Stands in for a tokenizer: the bench counts tokens and never needs text (no EOS either)."""
-
-    bos_id, eos_id, pad_id = 1, -1, -1
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-
-    def decode(self, ids) -> str:
-        return ""
 
 
 def random_tensors(args: ModelArgs, device: torch.device, dtype: torch.dtype):

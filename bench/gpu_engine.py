@@ -20,15 +20,7 @@ import time
 
 import torch
 
-
-class CountingTokenizer:
-    bos_id, eos_id, pad_id = 1, -1, -1
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-
-    def decode(self, ids):
-        return ""
+from counting_tokenizer import CountingTokenizer  # bench/, beside this script
 
 
 def random_model(args, device, dtype):
