@@ -363,10 +363,10 @@ def engine_options(setup: Setup, graphs: bool) -> tuple[dict, str]:
     """Engine keyword arguments asking for CUDA graphs or not, and how the decode step will run
     (graphs exist only on a GPU, so the CPU always runs eagerly)."""
     if not graphs:
-        return {"cuda_graphs": False}, "eager"
+        return {"eager": True}, "eager"
     if not setup.is_cuda:
-        return {"cuda_graphs": False}, "no graphs on the CPU"
-    return {"cuda_graphs": True}, "CUDA graphs"
+        return {"eager": True}, "no graphs on the CPU"
+    return {"eager": False}, "CUDA graphs"
 
 
 def open_engine(setup: Setup, loaded, graphs: bool, max_batch: int = MAX_BATCH, max_seq_len: int | None = None):

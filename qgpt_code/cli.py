@@ -59,11 +59,11 @@ def _version() -> str:
     return __version__
 
 
-def _print_stream(loaded, prompt_tokens: list[int], params, cuda_graphs: bool) -> None:
+def _print_stream(loaded, prompt_tokens: list[int], params, eager: bool) -> None:
     from qgpt_code.generation import stream_text
 
     text = ""
-    for piece in stream_text(loaded, prompt_tokens, params, cuda_graphs=cuda_graphs):
+    for piece in stream_text(loaded, prompt_tokens, params, eager=eager):
         sys.stdout.write(piece)
         sys.stdout.flush()
         text += piece
@@ -78,7 +78,7 @@ def cmd_complete(args: argparse.Namespace) -> int:
     loaded = load_from_args(args)
     tokenizer = loaded.tokenizer
     prompt_tokens = tokenizer.encode(args.prompt, bos=getattr(tokenizer, "add_bos", True))
-    _print_stream(loaded, prompt_tokens, params, cuda_graphs=not args.eager)
+    _print_stream(loaded, prompt_tokens, params, eager=args.eager)
     return 0
 
 
@@ -92,7 +92,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     dialog = ([{"role": "system", "content": args.system}] if args.system else [])
     dialog.append({"role": "user", "content": args.message})
     prompt_tokens = chat_tokens(loaded.info, loaded.tokenizer, dialog)
-    _print_stream(loaded, prompt_tokens, params, cuda_graphs=not args.eager)
+    _print_stream(loaded, prompt_tokens, params, eager=args.eager)
     return 0
 
 

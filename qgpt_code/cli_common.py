@@ -21,7 +21,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=["int8"],
                         help="weight-only int8 for the linear layers, applied after loading")
     parser.add_argument("--eager", action="store_true",
-                        help="on a GPU, run decode steps eagerly instead of replaying captured CUDA graphs")
+                        help="run decode steps as plain PyTorch: no CUDA graphs on a GPU, no fused kernels on the CPU")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -88,4 +88,4 @@ def engine_from_args(args: argparse.Namespace, loaded):
 
     return Engine(loaded, max_batch=args.max_batch, max_queue=args.max_queue,
                   cache_bytes=args.cache_bytes, max_seq_len=args.max_seq_len,
-                  cuda_graphs=not getattr(args, "eager", False))
+                  eager=getattr(args, "eager", False))

@@ -1,4 +1,5 @@
-"""The decode step: one new token for each running sequence, run eagerly or replayed from CUDA graphs.
+"""The decode step: one new token for each running sequence, run eagerly, replayed from CUDA graphs,
+or (float32 on the CPU) through the fused kernels of cpu_decode.py.
 
 Decoding one token at a small batch reads every weight once and does little arithmetic, so on a GPU
 the time goes to launching a few hundred small kernels unless the whole step is captured once in a
@@ -147,10 +148,18 @@ def cuda_capture() -> Callable[[Callable[[], torch.Tensor]], tuple[Callable[[], 
     return capture
 
 
-def make_decode(model: Transformer, cache: KVCache, max_batch: int, cuda_graphs: bool = True):
-    """The decode step for this model: graphs on a CUDA device unless `cuda_graphs` is False."""
-    if cuda_graphs and model.tok_embeddings.weight.device.type == "cuda":
+def make_decode(model: Transformer, cache: KVCache, max_batch: int, eager: bool = False):
+    """The fastest decode step for this model: CUDA graphs on a GPU, the fused kernels for a float32
+    model on the CPU (when a C compiler can build them), else plain PyTorch; `eager` forces the last."""
+    from qgpt_code import cpu_decode
+    from qgpt_code.native import cpu_kernels
+
+    if eager:
+        return EagerDecode(model, cache)
+    if model.tok_embeddings.weight.device.type == "cuda":
         return GraphedDecode(model, cache, max_batch, progress=_stderr_progress)
+    if cpu_decode.supports(model, cache) and (kernels := cpu_kernels()) is not None:
+        return cpu_decode.NativeCpuDecode(model, cache, kernels)
     return EagerDecode(model, cache)
 
 

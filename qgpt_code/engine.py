@@ -144,8 +144,8 @@ class Engine:
     max_batch: sequences decoded together; max_queue: requests waiting beyond those (more fail
     fast with EngineOverloaded); cache_bytes: KV-cache budget (default: half the free GPU memory,
     or 2 GiB on the CPU), split into rows of max_seq_len positions; at least max_batch + 1 rows are
-    needed so one finished prefix can stay cached while a full batch runs. cuda_graphs: on a GPU,
-    capture the decode step in CUDA graphs at start-up (False: run it eagerly).
+    needed so one finished prefix can stay cached while a full batch runs. eager: run the decode
+    step as plain PyTorch (default: CUDA graphs captured at start-up on a GPU, fused kernels on the CPU).
     """
 
     def __init__(
@@ -156,7 +156,7 @@ class Engine:
         cache_bytes: int | None = None,
         max_seq_len: int | None = None,
         prefill_chunk: int = 512,
-        cuda_graphs: bool = True,
+        eager: bool = False,
     ):
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
@@ -175,7 +175,7 @@ class Engine:
             )
         cache = KVCache(args, rows, self.max_seq_len, loaded.device, loaded.dtype)
         self.store = PrefixStore(cache)
-        decode = make_decode(loaded.model, cache, max_batch, cuda_graphs)  # graphs captured now, on a GPU
+        decode = make_decode(loaded.model, cache, max_batch, eager)  # graphs captured now, on a GPU
         self.scheduler = Scheduler(loaded.model, loaded.tokenizer, self.store, max_batch, prefill_chunk, decode)
         self._lock = threading.Condition()
         self._incoming: deque[RequestHandle] = deque()

@@ -115,13 +115,13 @@ def generate(
     prompts: Sequence[Sequence[int]],
     params: SamplingParams,
     max_seq_len: int | None = None,
-    cuda_graphs: bool = False,
+    eager: bool = False,
 ) -> Iterator[list[tuple[int, TokenEvent]]]:
     """Run prompts together to completion; yield, per step, (prompt index, event) pairs.
 
-    `max_seq_len` bounds prompt + completion (default: the model's trained context); `cuda_graphs`
-    replays decode steps from CUDA graphs on a GPU (captured for this call's cache: worth it for
-    long completions).
+    `max_seq_len` bounds prompt + completion (default: the model's trained context). Decode steps
+    take `make_decode`'s fastest path (on a GPU, CUDA graphs captured for this call's cache);
+    `eager` runs them as plain PyTorch instead.
     """
     from qgpt_code.decode_step import make_decode  # these build on this module's types
     from qgpt_code.scheduler import Scheduler
@@ -131,7 +131,7 @@ def generate(
     cache_len = max(len(p) + min(params.max_new_tokens, context - len(p)) for p in prompts)
     weights = model.tok_embeddings.weight
     cache = KVCache(model.args, len(prompts), cache_len, weights.device, weights.dtype)
-    decode = make_decode(model, cache, len(prompts), cuda_graphs)
+    decode = make_decode(model, cache, len(prompts), eager)
     scheduler = Scheduler(model, tokenizer, PrefixStore(cache), max_batch=len(prompts), prefill_chunk=cache_len,
                           decode=decode)
     index = {scheduler.add(p, params).id: i for i, p in enumerate(prompts)}
@@ -154,10 +154,10 @@ def generate_text(loaded: LoadedModel, prompt_tokens: Sequence[int], params: Sam
 
 
 def stream_text(
-    loaded: LoadedModel, prompt_tokens: Sequence[int], params: SamplingParams, cuda_graphs: bool = False
+    loaded: LoadedModel, prompt_tokens: Sequence[int], params: SamplingParams, eager: bool = False
 ) -> Iterator[str]:
     """The completion of one prompt as text pieces, each ending on a whole character."""
-    for events in generate(loaded.model, loaded.tokenizer, [prompt_tokens], params, cuda_graphs=cuda_graphs):
+    for events in generate(loaded.model, loaded.tokenizer, [prompt_tokens], params, eager=eager):
         for _, event in events:
             if event.text:
                 yield event.text

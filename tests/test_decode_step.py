@@ -119,7 +119,7 @@ def test_cuda_graphs_give_the_eager_tokens(tiny_hf, lengths):
     loaded = load_model(tiny_hf[1], device="cuda", dtype="float32")
     prompts = prompts_of([min(n, 200) for n in lengths])
     eager, _, _ = run_greedy(loaded, prompts, lambda m, c, b: EagerDecode(m, c))
-    graphed, _, decode = run_greedy(loaded, prompts, lambda m, c, b: decode_step.make_decode(m, c, b, True))
+    graphed, _, decode = run_greedy(loaded, prompts, lambda m, c, b: decode_step.make_decode(m, c, b))
     assert isinstance(decode, GraphedDecode)
     assert graphed == eager
 
@@ -146,8 +146,3 @@ def test_int8_logits_are_close_to_bf16_on_cuda(tiny_hf, monkeypatch):
     assert cosine(fused_one.flatten(), reference_one.flatten(), dim=0) > 0.99
     torch.testing.assert_close(fused_one, eager_one, rtol=0.02, atol=0.02)
 
-
-def test_the_cpu_always_decodes_eagerly(tiny_loaded):
-    args = tiny_loaded.model.args
-    cache = KVCache(args, 2, args.max_seq_len)
-    assert isinstance(decode_step.make_decode(tiny_loaded.model, cache, 2, cuda_graphs=True), EagerDecode)
