@@ -36,10 +36,11 @@ def test_help_is_instant_and_imports_no_torch():
     assert "torch" not in imported and "sentencepiece" not in imported
 
 
-def test_complete_prints_only_the_completion(tiny_hf, tiny_loaded, sp_tokenizer):
+@pytest.mark.parametrize("flags", [[], ["--eager"]], ids=["fused CPU decode", "plain PyTorch decode"])
+def test_complete_prints_only_the_completion(tiny_hf, tiny_loaded, sp_tokenizer, flags):
     prompt = "def fibonacci(n):"
     result = qgpt("complete", "--model", str(tiny_hf[1]), "--device", "cpu", "--temperature", "0",
-                  "--max-tokens", "12", prompt)
+                  "--max-tokens", "12", *flags, prompt)
     assert result.returncode == 0, result.stderr
     expected = generate_text(tiny_loaded, sp_tokenizer.encode(prompt, bos=True),
                              SamplingParams(max_new_tokens=12, temperature=0))
