@@ -1,4 +1,4 @@
-"""Our model against transformers' LlamaForCausalLM on the same weights (fp32, CPU)."""
+"""Our model against transformers' LlamaForCausalLM on the same weights (fp32, CPU; and on a GPU when there is one)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from qgpt_code.kv_cache import KVCache
 from qgpt_code.model import checkpoint_tensors
 
 TOLERANCE = 1e-4
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 CONFIGS = {
     "gqa-untied": {},
@@ -107,3 +108,23 @@ def test_batched_generation_equals_one_at_a_time(tiny_loaded, sp_tokenizer):
     for prompt, result in zip(prompts, together):
         alone = generate_text(tiny_loaded, prompt, params)
         assert (alone.tokens, alone.text) == (result.tokens, result.text)
+
+
+@cuda
+def test_logits_and_greedy_tokens_match_transformers_on_cuda(checkpoint_pair, sp_tokenizer):
+    """The same checkpoint loaded onto the GPU (float32, decode steps replayed from CUDA graphs)
+    against transformers on the CPU."""
+    hf, ours_cpu, _ = checkpoint_pair
+    ours = load_model(ours_cpu.info.path, device="cuda", dtype="float32")
+    tokens = torch.randint(0, 512, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = hf(tokens).logits
+        logits = ours.model(tokens.cuda(), positions_for(tokens).cuda()).cpu()
+    assert (logits - reference).abs().max().item() <= TOLERANCE
+    prompt = sp_tokenizer.encode("def fibonacci(n):\n    ", bos=True)
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    if sp_tokenizer.eos_id in expected:
+        expected = expected[: expected.index(sp_tokenizer.eos_id) + 1]
+    assert generate_text(ours, prompt, SamplingParams(max_new_tokens=24, temperature=0)).tokens == expected

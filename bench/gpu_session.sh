@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Every GPU check the open issues ask for, as ONE prepared call on a lent GPU machine (about 9 minutes
+# at most; each step has its own time limit, so one that hangs cannot cost the rest):
+#   1. the GPU code paths on a tiny model (seconds): bench/gpu.py --smoke --device cuda
+#   2. the CUDA-only tests: graphs against eager decoding, int8 against bf16, our logits and greedy
+#      tokens against transformers on the GPU
+#   3. the full bench/gpu.py run: Llama-2-7B shapes, floor, matvec ceiling, ours, int8, transformers
+# Run from the repository root, e.g. through the device tool:
+#   run(command="bash bench/gpu_session.sh", timeout_s=600)
+# Each step's output goes to $OUT/<step>.txt (OUT defaults to ./gpu-session-out) and to stdout.
+set -u
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-gpu-session-out}
+mkdir -p "$OUT"
+PYTHON=${PYTHON:-python3}
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the output, say how it ended
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit}s): $*"
+    local started=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.txt"
+    local status=${PIPESTATUS[0]}
+    echo "=== $name: exit $status after $((SECONDS - started))s"
+}
+
+# The machine has torch, transformers, safetensors and sentencepiece but not this package.
+$PYTHON -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$OUT/install.txt" 2>&1 \
+    || { echo "editable install failed (see $OUT/install.txt); using PYTHONPATH"; export PYTHONPATH=$PWD; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
+$PYTHON -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+
+step smoke 120 $PYTHON bench/gpu.py --smoke --device cuda --skip-transformers
+step cuda_tests 150 $PYTHON -m pytest -q -p no:cacheprovider -k cuda \
+    tests/test_decode_step.py tests/test_model_parity.py
+step gpu_bench 330 $PYTHON bench/gpu.py
