@@ -3,7 +3,8 @@
 A ~125M-parameter Llama config (preset `tiny-100m`: dim 768, 12 layers, 12 heads / 4 KV heads,
 vocab 32000) with random float32 weights, written once as an HF safetensors directory and loaded by
 both. Same prompt, same number of new tokens (greedy, no early stop); the two sides alternate over
---repeats rounds after a warm-up round and each keeps its best run. Prints tokens/s for both and the ratio.
+--repeats rounds after a warm-up round and each keeps its best run. Prints tokens/s for both and the ratio,
+and then ours again with weight-only int8 linear layers (`--quantize int8`) against our float32.
 
     python bench/decode_cpu.py [--prompt-tokens 128] [--new-tokens 128] [--repeats 5]
 """
@@ -59,15 +60,18 @@ def main() -> None:
 
     from qgpt_code import load_model
     from qgpt_code.generation import SamplingParams, generate
+    from qgpt_code.quantize import quantize_int8
 
     with tempfile.TemporaryDirectory() as tmp:
         reference = build_checkpoint(Path(tmp))
         ours = load_model(tmp, device="cpu", dtype="float32", tokenizer=CountingTokenizer(32000))
+        ours_int8 = load_model(tmp, device="cpu", dtype="float32", tokenizer=CountingTokenizer(32000))
+    quantize_int8(ours_int8.model)  # what --quantize int8 does
     prompt = torch.randint(3, 32000, (1, opts.prompt_tokens), generator=torch.Generator().manual_seed(1))
     params = SamplingParams(max_new_tokens=opts.new_tokens, temperature=0)
 
-    def run_ours() -> list[int]:
-        steps = generate(ours.model, ours.tokenizer, [prompt[0].tolist()], params)
+    def run(loaded) -> list[int]:
+        steps = generate(loaded.model, loaded.tokenizer, [prompt[0].tolist()], params)
         return [event.token_id for events in steps for _, event in events]
 
     @torch.inference_mode()
@@ -76,8 +80,10 @@ def main() -> None:
                                  do_sample=False, pad_token_id=0)
         return out[0, opts.prompt_tokens:].tolist()
 
-    best = best_times({"ours": run_ours, "transformers": run_transformers}, opts.repeats)
+    runs = {"ours": lambda: run(ours), "transformers": run_transformers, "ours int8": lambda: run(ours_int8)}
+    best = best_times(runs, opts.repeats)
     (t_ours, tokens_ours), (t_ref, tokens_ref) = best["ours"], best["transformers"]
+    t_int8, tokens_int8 = best["ours int8"]
     import transformers
 
     print(f"model: tiny-100m ({ours.info.args.n_params / 1e6:.0f}M params, float32), "
@@ -86,6 +92,13 @@ def main() -> None:
     print(f"transformers: {opts.new_tokens / t_ref:8.1f} tok/s  ({t_ref:.2f} s, transformers {transformers.__version__})")
     print(f"ratio ours/transformers: {t_ref / t_ours:.2f}x")
     print(f"same greedy tokens: {tokens_ours == tokens_ref}")
+    with torch.inference_mode():  # random weights give near-uniform logits: compare them, not greedy tokens
+        positions = torch.arange(opts.prompt_tokens)[None]
+        fp32, int8 = (m.model(prompt, positions)[0] for m in (ours, ours_int8))  # (T, vocab) each
+    cosine = torch.nn.functional.cosine_similarity(int8, fp32, dim=-1).min().item()
+    top1 = (int8.argmax(-1) == fp32.argmax(-1)).sum().item()
+    print(f"ours, int8 weights: {opts.new_tokens / t_int8:8.1f} tok/s  ({t_int8:.2f} s): {t_ours / t_int8:.2f}x our "
+          f"float32; its logits on the prompt against float32's: cosine >= {cosine:.4f}, top-1 {top1}/{opts.prompt_tokens}")
 
 
 if __name__ == "__main__":

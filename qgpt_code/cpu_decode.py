@@ -1,9 +1,10 @@
 """The float32 decode step on the CPU with its small operations fused into C (cpu_kernels.c).
 
-Per layer it makes four matrix products (PyTorch's BLAS, into preallocated buffers) and three
-kernel calls (norm with the residual add, attention with rotary and the cache write, SwiGLU)
-instead of some forty PyTorch operations, whose dispatch cost as much as the arithmetic they do.
-The math is model.py's, in float32; tests hold the two to the same logits and greedy tokens.
+Per layer it makes four matrix products (PyTorch's BLAS into preallocated buffers, or the C int8
+kernel for weight-only int8 layers) and three kernel calls (norm with the residual add, attention
+with rotary and the cache write, SwiGLU) instead of some forty PyTorch operations, whose dispatch
+cost as much as the arithmetic they do. The math is model.py's, in float32; tests hold the two to
+the same logits and greedy tokens.
 """
 
 from __future__ import annotations
@@ -17,30 +18,70 @@ from torch import nn
 
 from qgpt_code.kv_cache import KVCache
 from qgpt_code.model import Transformer
+from qgpt_code.quantize import Int8Linear
+
+
+def projections_of(model: Transformer) -> list[nn.Module]:
+    """Every module that multiplies activations by a weight in a decode step."""
+    modules = [model.output] if model.output is not None else []
+    for layer in model.layers:
+        modules += [layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13, layer.feed_forward.w2]
+    return modules
+
+
+def _fusable(module: nn.Module) -> bool:
+    if type(module) is nn.Linear:
+        return module.bias is None and module.weight.dtype == torch.float32
+    return (isinstance(module, Int8Linear) and module.weight.is_contiguous()
+            and module.scales.dtype == torch.float32 and module.scales.is_contiguous())
 
 
 def supports(model: Transformer, cache: KVCache) -> bool:
-    """Whether the fused step can run this model: float32 on the CPU, plain (unquantized) linears."""
+    """Whether the fused step can run this model: float32 on the CPU, its linear layers float32
+    (BLAS) or weight-only int8 (row-major, float32 scales: the int8 kernel)."""
     weights = model.tok_embeddings.weight
-    linears = [model.output] if model.output is not None else []
-    for layer in model.layers:
-        linears += [layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13, layer.feed_forward.w2]
     return (
         weights.device.type == "cpu"
         and weights.dtype == cache.k.dtype == torch.float32
-        and all(type(m) is nn.Linear and m.bias is None and m.weight.dtype == torch.float32 for m in linears)
+        and all(_fusable(m) for m in projections_of(model))
     )
+
+
+class FloatProjection:
+    """x (B, in) @ W.t() into out (B, out) through BLAS; W.t() is a contiguous view of a column-major weight."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight_t = weight.t()  # (in, out)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return torch.mm(x, self.weight_t, out=out)
+
+
+class Int8Projection:
+    """The same product for an Int8Linear, through the C kernel: the int8 weight is read, not converted."""
+
+    def __init__(self, module: Int8Linear, kernels: ctypes.CDLL):
+        self.kernel, self.weight, self.scales = kernels.int8_matmul, module.weight, module.scales
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        (batch, width), outputs = x.shape, out.shape[1]
+        self.kernel(x.data_ptr(), self.weight.data_ptr(), self.scales.data_ptr(), out.data_ptr(), batch, width, outputs)
+        return out
+
+
+def projection(module: nn.Module, kernels: ctypes.CDLL) -> FloatProjection | Int8Projection:
+    return Int8Projection(module, kernels) if isinstance(module, Int8Linear) else FloatProjection(module.weight)
 
 
 @dataclass
 class LayerWeights:
-    """One layer's matrices as (in, out) for `x @ w` (views: column-major weights make them contiguous)."""
+    """One layer's four projections and the addresses of its norm weights (dim,)."""
 
-    wqkv: torch.Tensor
-    wo: torch.Tensor
-    w13: torch.Tensor
-    w2: torch.Tensor
-    attention_norm: int  # addresses of the norm weights (dim,)
+    wqkv: FloatProjection | Int8Projection
+    wo: FloatProjection | Int8Projection
+    w13: FloatProjection | Int8Projection
+    w2: FloatProjection | Int8Projection
+    attention_norm: int
     ffn_norm: int
 
 
@@ -70,14 +111,15 @@ class NativeCpuDecode:
         self.model, self.cache, self.kernels = model, cache, kernels
         self.layers = [
             LayerWeights(
-                layer.attention.wqkv.weight.t(), layer.attention.wo.weight.t(),
-                layer.feed_forward.w13.weight.t(), layer.feed_forward.w2.weight.t(),
+                projection(layer.attention.wqkv, kernels), projection(layer.attention.wo, kernels),
+                projection(layer.feed_forward.w13, kernels), projection(layer.feed_forward.w2, kernels),
                 layer.attention_norm.weight.data_ptr(), layer.ffn_norm.weight.data_ptr(),
             )
             for layer in model.layers
         ]
-        head = model.tok_embeddings.weight if model.output is None else model.output.weight
-        self.output = head.t()  # (dim, vocab)
+        # A tied model projects with its (float32) embedding table.
+        self.output = (FloatProjection(model.tok_embeddings.weight) if model.output is None
+                       else projection(model.output, kernels))
         self.rope = torch.view_as_real(model.rope).contiguous()  # (positions, hd/2, 2): cos, sin
         self.activations: dict[int, Activations] = {}
 
@@ -98,17 +140,18 @@ class NativeCpuDecode:
         residual = None  # nothing to add before the first norm
         for i, w in enumerate(self.layers):
             kernels.add_rms_norm(h, residual, w.attention_norm, x, batch, args.dim, args.norm_eps)
-            torch.mm(a.x, w.wqkv, out=a.qkv)
+            w.wqkv(a.x, a.qkv)
             kernels.decode_attention(
                 a.qkv.data_ptr(), keys + i * layer_stride, values + i * layer_stride, self.rope.data_ptr(),
                 rows_c, positions_c, a.attention.data_ptr(), a.scratch.data_ptr(),
                 batch, args.n_heads, args.n_kv_heads, args.head_dim, self.cache.max_seq_len,
             )
-            torch.mm(a.attention, w.wo, out=a.delta)
+            w.wo(a.attention, a.delta)
             kernels.add_rms_norm(h, delta, w.ffn_norm, x, batch, args.dim, args.norm_eps)
-            torch.mm(a.x, w.w13, out=a.gate_up)
+            w.w13(a.x, a.gate_up)
             kernels.swiglu(a.gate_up.data_ptr(), a.hidden.data_ptr(), batch, args.hidden_dim)
-            torch.mm(a.hidden, w.w2, out=a.delta)
+            w.w2(a.hidden, a.delta)
             residual = delta
         kernels.add_rms_norm(h, delta, self.model.norm.weight.data_ptr(), x, batch, args.dim, args.norm_eps)
-        return torch.mm(a.x, self.output)  # (B, vocab), a new tensor: the caller may keep it
+        logits = torch.empty(batch, self.model.args.vocab_size)  # new each step: the caller may keep it
+        return self.output(a.x, logits)

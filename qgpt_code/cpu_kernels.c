@@ -14,6 +14,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 static float dot(const float *a, const float *b, int64_t n) {
     float acc = 0.0f;
@@ -172,6 +175,51 @@ void swiglu(const float *gate_up, float *out, int64_t batch, int64_t hidden) {
         float *y = out + b * hidden;
         for (int64_t i = 0; i < hidden; i++) y[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
     }
+}
+
+typedef int8_t v8c __attribute__((vector_size(8), aligned(1)));
+
+/* Eight int8 as floats. GCC turns the generic conversion into eight scalar ones, so on x86 say it
+ * in AVX2: sign-extend to int32, then convert. */
+static inline v8 int8_to_float(const int8_t *p) {
+#if defined(__AVX2__)
+    return (v8)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+#else
+    return __builtin_convertvector(*(const v8c *)p, v8);
+#endif
+}
+
+/* y = x @ w^T * scales for int8 weights: x (batch, in) float, w (out, in) int8 with one scale per
+ * output row, y (batch, out). Weight-only int8 reads a quarter of float32's bytes, and decoding is
+ * bound by those reads. Eight output rows at a time, converted to float as they are read; the
+ * blocks are shared among PyTorch's OpenMP threads. */
+void int8_matmul(const float *x, const int8_t *w, const float *scales, float *y,
+                 int64_t batch, int64_t in, int64_t out) {
+    const int64_t blocks = out / LANES;
+#pragma omp parallel for schedule(static)
+    for (int64_t block = 0; block < blocks; block++) {
+        const int8_t *rows = w + block * LANES * in;
+        for (int64_t b = 0; b < batch; b++) {  /* the block's rows stay in cache across the batch */
+            const float *xb = x + b * in;
+            v8 acc[LANES] = {{0}};
+            int64_t i = 0;
+            for (; i + LANES <= in; i += LANES) {
+                const v8 xi = *(const v8 *)(xb + i);
+                for (int r = 0; r < LANES; r++)
+                    acc[r] += xi * int8_to_float(rows + r * in + i);
+            }
+            v8 sums = sum_lanes(acc);
+            for (; i < in; i++)
+                for (int r = 0; r < LANES; r++) sums[r] += xb[i] * rows[r * in + i];
+            *(v8 *)(y + b * out + block * LANES) = sums * *(const v8 *)(scales + block * LANES);
+        }
+    }
+    for (int64_t o = blocks * LANES; o < out; o++)  /* the last out % 8 rows */
+        for (int64_t b = 0; b < batch; b++) {
+            float sum = 0.0f;
+            for (int64_t i = 0; i < in; i++) sum += x[b * in + i] * w[o * in + i];
+            y[b * out + o] = sum * scales[o];
+        }
 }
 
 /* Rotate interleaved pairs (x[2i], x[2i+1]) by the angles whose (cos, sin) are rot[2i], rot[2i+1]:

@@ -28,6 +28,7 @@ SIGNATURES = {
     "add_rms_norm": [_pointer, _pointer, _pointer, _pointer, _int64, _int64, _float],
     "swiglu": [_pointer, _pointer, _int64, _int64],
     "decode_attention": [_pointer] * 8 + [_int64] * 5,
+    "int8_matmul": [_pointer] * 4 + [_int64] * 3,
 }
 
 

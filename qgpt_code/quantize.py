@@ -5,7 +5,8 @@ forward pass converts the weight back to the activations' dtype and rescales the
 token reads every weight once, so halving (bf16) or quartering (fp32) the bytes read is the point; the
 conversion only pays off where it is fused into the matrix product: on a GPU, decode-sized products
 (a few rows) go through a torch.compile'd function whose generated kernel converts the int8 weight
-as it reads it; prompt-sized products are bound by arithmetic, not reads, and run eagerly.
+as it reads it; on the CPU the fused decode step (cpu_decode.py) reads it through a C kernel;
+prompt-sized products are bound by arithmetic, not reads, and run eagerly.
 Embeddings and norms stay in floating point.
 """
 
@@ -67,7 +68,7 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     w = weight.float()
     scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # (out,)
     q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, scales
+    return q.contiguous(), scales  # row-major whatever the float weight's layout: the CPU kernel reads rows
 
 
 def quantize_int8(model: Transformer) -> Transformer:

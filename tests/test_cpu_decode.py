@@ -75,6 +75,21 @@ def test_fused_step_equals_the_model(shape):
 
 
 @needs_kernels
+@pytest.mark.parametrize("shape", [SHAPES["grouped, untied"], SHAPES["one kv head"]], ids=["untied", "odd widths"])
+def test_fused_int8_step_equals_the_int8_model(shape):
+    """Weight-only int8 layers (and the int8 output head) through the C kernel, against the
+    PyTorch int8 path: dims 48 and 64, hidden 128 and 192, vocab 300 (not a multiple of 8)."""
+    model = quantize_int8(random_model(**shape))
+    eager_cache, fused_cache = prefilled_caches(model, {1: 9, 3: 30})
+    eager, fused = EagerDecode(model, eager_cache), NativeCpuDecode(model, fused_cache, kernels)
+    with torch.inference_mode():
+        expected = eager([7, 8], [9, 30], [1, 3], 64)
+        got = fused([7, 8], [9, 30], [1, 3], 64)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(fused_cache.k, eager_cache.k, rtol=0, atol=1e-5)
+
+
+@needs_kernels
 def test_fused_greedy_tokens_equal_eager_through_the_scheduler(tiny_loaded):
     """A loaded checkpoint (column-major weights), five sequences of different lengths together."""
     prompts = prompts_of([200, 3, 17, 100, 9])
@@ -106,7 +121,8 @@ def test_make_decode_uses_the_fused_step_only_where_it_applies():
     bf16_cache = KVCache(model.args, 2, 32, dtype=torch.bfloat16)
     assert not supports(model, bf16_cache)
     assert isinstance(make_decode(model, bf16_cache, 2), EagerDecode)  # and no graphs on a CPU
-    assert isinstance(make_decode(quantize_int8(random_model(**SHAPES["grouped, untied"])), cache, 2), EagerDecode)
+    int8 = quantize_int8(random_model(**SHAPES["grouped, untied"]))
+    assert isinstance(make_decode(int8, cache, 2), NativeCpuDecode if kernels else EagerDecode)
 
 
 def test_without_a_compiler_decoding_falls_back_to_pytorch(monkeypatch, tmp_path, capsys):
