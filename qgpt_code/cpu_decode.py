@@ -85,21 +85,24 @@ class LayerWeights:
     ffn_norm: int
 
 
+def _buffer(*shape: int) -> torch.Tensor:
+    return torch.empty(shape, dtype=torch.float32)
+
+
 class Activations:
     """Every intermediate of a step at one batch size, allocated once and reused."""
 
     def __init__(self, model: Transformer, batch: int, max_seq_len: int):
         args = model.args
         qkv_width = (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
-        new = lambda *shape: torch.empty(shape, dtype=torch.float32)  # noqa: E731
-        self.h = new(batch, args.dim)  # the residual stream
-        self.x = new(batch, args.dim)  # normalised input of the next product
-        self.delta = new(batch, args.dim)  # a block's output, added to h by the next norm
-        self.qkv = new(batch, qkv_width)
-        self.attention = new(batch, args.n_heads * args.head_dim)
-        self.gate_up = new(batch, 2 * args.hidden_dim)
-        self.hidden = new(batch, args.hidden_dim)
-        self.scratch = new(batch * args.n_heads * (args.head_dim + max_seq_len))  # attention's working space
+        self.h = _buffer(batch, args.dim)  # the residual stream
+        self.x = _buffer(batch, args.dim)  # normalised input of the next product
+        self.delta = _buffer(batch, args.dim)  # a block's output, added to h by the next norm
+        self.qkv = _buffer(batch, qkv_width)
+        self.attention = _buffer(batch, args.n_heads * args.head_dim)
+        self.gate_up = _buffer(batch, 2 * args.hidden_dim)
+        self.hidden = _buffer(batch, args.hidden_dim)
+        self.scratch = _buffer(batch * args.n_heads * (args.head_dim + max_seq_len))  # attention's working space
 
 
 class NativeCpuDecode:
@@ -127,11 +130,14 @@ class NativeCpuDecode:
     def __call__(self, tokens: Sequence[int], positions: Sequence[int], rows: Sequence[int], kv_len: int) -> torch.Tensor:
         args, kernels, batch = self.model.args, self.kernels, len(tokens)
         # The kernels write where they are told: check every index before any write.
-        if max(positions) >= min(self.cache.max_seq_len, len(self.rope)) or min(positions) < 0:
-            raise IndexError(f"position {max(positions)} is outside the cache's {self.cache.max_seq_len}")
-        if max(rows) >= self.cache.n_rows or min(rows) < 0:
-            raise IndexError(f"row {max(rows)} is outside the cache's {self.cache.n_rows} rows")
-        a = self.activations.get(batch) or self.activations.setdefault(batch, Activations(self.model, batch, self.cache.max_seq_len))
+        length = min(self.cache.max_seq_len, len(self.rope))
+        if bad := [p for p in positions if not 0 <= p < length]:
+            raise IndexError(f"position {bad[0]} is outside the cache's {length}")
+        if bad := [r for r in rows if not 0 <= r < self.cache.n_rows]:
+            raise IndexError(f"row {bad[0]} is outside the cache's {self.cache.n_rows} rows")
+        a = self.activations.get(batch)
+        if a is None:
+            a = self.activations[batch] = Activations(self.model, batch, self.cache.max_seq_len)
         torch.index_select(self.model.tok_embeddings.weight, 0, torch.tensor(tokens), out=a.h)
         rows_c, positions_c = (ctypes.c_int64 * batch)(*rows), (ctypes.c_int64 * batch)(*positions)
         h, x, delta = a.h.data_ptr(), a.x.data_ptr(), a.delta.data_ptr()

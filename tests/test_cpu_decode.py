@@ -108,6 +108,8 @@ def test_a_position_or_row_outside_the_cache_is_refused_before_any_write():
         fused([1], [16], [0], 16)
     with pytest.raises(IndexError, match="row 2"):
         fused([1], [0], [2], 16)
+    with pytest.raises(IndexError, match="position -1"):
+        fused([1, 1], [3, -1], [0, 1], 16)
     assert not cache.k.any()
 
 
