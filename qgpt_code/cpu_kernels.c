@@ -3,13 +3,14 @@
  * A decode step on the CPU spends most of its time streaming weights through matrix products,
  * which PyTorch's BLAS does at memory speed. What is left is a few dozen tiny operations per
  * layer (norms, rotary, cache writes, attention over one query, SwiGLU), and in eager PyTorch
- * each costs more in dispatch than in arithmetic. These three functions do that work in three
- * calls per layer, the same math as qgpt_code/model.py in float32.
+ * each costs more in dispatch than in arithmetic. add_rms_norm, decode_attention and swiglu do
+ * that work in three calls per layer, the same math as qgpt_code/model.py in float32; int8_matmul
+ * is the matrix product for weight-only int8 layers, which BLAS cannot read.
  *
  * Parallel loops use OpenMP. Loaded after PyTorch, the library binds to the libgomp PyTorch has
  * already loaded (same soname), so they share PyTorch's thread pool and thread count.
  *
- * Built on first use by qgpt_code/native.py; every tensor is contiguous float32 (or int64 ids).
+ * Built on first use by qgpt_code/native.py; every tensor is contiguous: float32, int64 ids, int8 weights.
  */
 #include <math.h>
 #include <stdint.h>
@@ -104,7 +105,7 @@ static void weigh_values(const float *weights, int64_t group, const float *v, in
 }
 
 /* e^x lane by lane for x <= 0 (Cephes' expf: range reduction to [-ln2/2, ln2/2] and a degree-7
- * polynomial, within 2 ulp of expf). Below -87 it gives e^-87 (~1e-38) instead of smaller
+ * polynomial; measured within 1 ulp of expf over [-87, 0]). Below -87 it gives e^-87 (~1e-38) instead of smaller
  * numbers, which a softmax's sum cannot tell apart from them. */
 static inline v8 exp_nonpositive(v8 x) {
     const v8 lowest = (v8){0} - 87.0f;
