@@ -7,8 +7,9 @@
  * that work in three calls per layer, the same math as qgpt_code/model.py in float32; int8_matmul
  * is the matrix product for weight-only int8 layers, which BLAS cannot read.
  *
- * Parallel loops use OpenMP. Loaded after PyTorch, the library binds to the libgomp PyTorch has
- * already loaded (same soname), so they share PyTorch's thread pool and thread count.
+ * Parallel loops use OpenMP when GCC builds the library: loaded after PyTorch, it binds to the
+ * libgomp PyTorch has already loaded (same soname), so they share PyTorch's thread pool and thread
+ * count. A Clang build (SIMD only, see native.py) runs them on the calling thread.
  *
  * Built on first use by qgpt_code/native.py; every tensor is contiguous: float32, int64 ids, int8 weights.
  */
@@ -31,13 +32,22 @@ typedef float v8 __attribute__((vector_size(32), aligned(4)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 #define LANES 8
 
+/* The even lanes of a then b, plus their odd lanes: neighbouring lanes added, two vectors packed
+ * into one. GCC and Clang spell a two-vector shuffle differently. */
+#if defined(__clang__)
+#define ADD_NEIGHBOURS(a, b) (__builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14) + \
+                              __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15))
+#else
+#define ADD_NEIGHBOURS(a, b) (__builtin_shuffle(a, b, (v8i){0, 2, 4, 6, 8, 10, 12, 14}) + \
+                              __builtin_shuffle(a, b, (v8i){1, 3, 5, 7, 9, 11, 13, 15}))
+#endif
+
 /* The eight lanes' sums of eight vectors: out[i] = sum of x[i]'s lanes. */
 static v8 sum_lanes(const v8 x[LANES]) {
-    const v8i e = {0, 2, 4, 6, 8, 10, 12, 14}, o = {1, 3, 5, 7, 9, 11, 13, 15};
-    v8 pairs[4], quads[2];  /* each step adds neighbouring lanes and packs two vectors into one */
-    for (int i = 0; i < 4; i++) pairs[i] = __builtin_shuffle(x[2 * i], x[2 * i + 1], e) + __builtin_shuffle(x[2 * i], x[2 * i + 1], o);
-    for (int i = 0; i < 2; i++) quads[i] = __builtin_shuffle(pairs[2 * i], pairs[2 * i + 1], e) + __builtin_shuffle(pairs[2 * i], pairs[2 * i + 1], o);
-    return __builtin_shuffle(quads[0], quads[1], e) + __builtin_shuffle(quads[0], quads[1], o);
+    v8 pairs[4], quads[2];
+    for (int i = 0; i < 4; i++) pairs[i] = ADD_NEIGHBOURS(x[2 * i], x[2 * i + 1]);
+    for (int i = 0; i < 2; i++) quads[i] = ADD_NEIGHBOURS(pairs[2 * i], pairs[2 * i + 1]);
+    return ADD_NEIGHBOURS(quads[0], quads[1]);
 }
 
 /* scores[j, t] = q[j] . k[t] * scale for a group of queries q (group, head_dim) and keys

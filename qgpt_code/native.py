@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC"]
 BUILD_TIMEOUT_S = 120
 
 _pointer, _int64, _float = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -52,13 +52,25 @@ def _cpu_features() -> str:
     return f"{platform.machine()} {flags}"
 
 
+def _openmp_flag(compiler: str) -> str:
+    """GCC's -fopenmp links libgomp, the runtime PyTorch's Linux wheels load: one thread pool for both.
+    Clang's would bring a second runtime (libomp) whose threads compete with PyTorch's, so with
+    Clang the kernels use SIMD only and run on the calling thread."""
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        version = ""
+    return "-fopenmp-simd" if "clang" in version.lower() else "-fopenmp"
+
+
 def build(compiler: str | None = None) -> Path:
     """Compile the kernels (once per source, compiler and CPU) and return the library's path."""
     compiler = compiler or os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
         raise NativeBuildError(f"no C compiler '{compiler}' on PATH")
+    flags = [*FLAGS, _openmp_flag(compiler)]
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join([compiler, *FLAGS]).encode(), _cpu_features().encode()]))
+    key = hashlib.sha256(b"\0".join([source, " ".join([compiler, *flags]).encode(), _cpu_features().encode()]))
     target = cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
@@ -67,7 +79,7 @@ def build(compiler: str | None = None) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         try:
-            result = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE), "-lm"],
+            result = subprocess.run([compiler, *flags, "-o", str(built), str(SOURCE), "-lm"],
                                     capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             raise NativeBuildError(f"{compiler} took over {BUILD_TIMEOUT_S} s") from None
