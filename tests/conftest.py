@@ -36,3 +36,16 @@ def tiny_loaded(tiny_hf):
     from qgpt_code import load_model
 
     return load_model(tiny_hf[1], device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def infill_backend():
+    """An in-process eval backend over the infill test model (an engine of batch 4), one per test module."""
+    from test_server_support import infill_model, make_engine
+
+    from qgpt_code.evals.backends import EngineBackend
+
+    loaded = infill_model()
+    backend = EngineBackend(loaded, make_engine(loaded, max_batch=4))
+    yield backend
+    backend.close()

@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_server_support import infill_model, make_engine
+from test_server_support import infill_model
 
-from qgpt_code.evals.backends import EngineBackend, looks_like_chat_model
+from qgpt_code.evals.backends import looks_like_chat_model
 from qgpt_code.evals.chat_reply import sanitize_reply, truncate_at_stops
 from qgpt_code.evals.data import load_problems, write_jsonl
 from qgpt_code.evals.generate import RunMismatchError, RunSettings, generate_samples, plan, select_tasks
@@ -29,11 +29,8 @@ THREE = select_tasks(HUMANEVAL, limit=3)
 
 
 @pytest.fixture(scope="module")
-def backend():
-    loaded = infill_model()
-    backend = EngineBackend(loaded, make_engine(loaded, max_batch=4))
-    yield backend
-    backend.close()
+def backend(infill_backend):
+    return infill_backend
 
 
 def settings(mode="base", task_set="humaneval", n=1, temperature=0.0, max_tokens=12, seed=0):

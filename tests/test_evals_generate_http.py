@@ -12,7 +12,7 @@ pytest.importorskip("qgpt_code.server.app")
 
 from test_server_support import RunningServer, infill_model, make_engine  # noqa: E402
 
-from qgpt_code.evals.backends import EngineBackend, GenerationError, HTTPBackend, normalize_url  # noqa: E402
+from qgpt_code.evals.backends import GenerationError, HTTPBackend, normalize_url  # noqa: E402
 from qgpt_code.evals.data import load_problems, write_jsonl  # noqa: E402
 from qgpt_code.evals.generate import RunSettings, generate_samples, select_tasks  # noqa: E402
 from qgpt_code.evals.infill_tasks import load_tasks  # noqa: E402
@@ -30,11 +30,8 @@ def server():
 
 
 @pytest.fixture(scope="module")
-def local():
-    loaded = infill_model()
-    backend = EngineBackend(loaded, make_engine(loaded, max_batch=4))
-    yield backend
-    backend.close()
+def local(infill_backend):
+    return infill_backend
 
 
 def samples(path: Path) -> dict:
