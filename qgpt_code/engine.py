@@ -22,6 +22,7 @@ import torch
 from qgpt_code.checkpoints.assemble import LoadedModel
 from qgpt_code.decode_step import make_decode
 from qgpt_code.errors import QGPTError
+from qgpt_code.fresh_thread import run_in_fresh_thread
 from qgpt_code.generation import Completion, SamplingParams, TokenEvent
 from qgpt_code.kv_cache import KVCache, PrefixStore
 from qgpt_code.scheduler import Scheduler, Sequence as SchedSequence
@@ -173,7 +174,8 @@ class Engine:
                 f"but max_batch={max_batch} needs {max_batch + 1}: raise --cache-bytes, or lower "
                 "--max-seq-len or --max-batch"
             )
-        cache = KVCache(args, rows, self.max_seq_len, loaded.device, loaded.dtype)
+        # Allocated (and zeroed) off the calling thread: see qgpt_code/fresh_thread.py.
+        cache = run_in_fresh_thread(KVCache, args, rows, self.max_seq_len, loaded.device, loaded.dtype)
         self.store = PrefixStore(cache)
         decode = make_decode(loaded.model, cache, max_batch, eager)  # graphs captured now, on a GPU
         self.scheduler = Scheduler(loaded.model, loaded.tokenizer, self.store, max_batch, prefill_chunk, decode)

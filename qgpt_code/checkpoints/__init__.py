@@ -11,6 +11,7 @@ from qgpt_code.checkpoints import hf, meta
 from qgpt_code.checkpoints.assemble import LoadedModel, ModelInfo, Progress, build_model, check_tokenizer_fits
 from qgpt_code.device import resolve_device, resolve_dtype
 from qgpt_code.errors import CheckpointError
+from qgpt_code.fresh_thread import run_in_fresh_thread
 from qgpt_code.tokenizer import Tokenizer, find_tokenizer_file, load_tokenizer
 
 __all__ = ["LoadedModel", "ModelInfo", "load_model", "detect_format"]
@@ -55,8 +56,14 @@ def load_model(
 ) -> LoadedModel:
     """Load a Meta directory, an HF directory or a GGUF file onto `device` (default: CUDA when present).
 
-    `tokenizer` overrides the one found beside the weights (a path or a Tokenizer).
+    `tokenizer` overrides the one found beside the weights (a path or a Tokenizer). The work runs on
+    a thread of its own that exits when it is done (see qgpt_code/fresh_thread.py: an engine thread
+    serving the model afterwards then keeps its full CPU speed).
     """
+    return run_in_fresh_thread(_load_model, path, device, dtype, tokenizer, progress)
+
+
+def _load_model(path, device, dtype, tokenizer, progress) -> LoadedModel:
     path = Path(path).expanduser()
     fmt = detect_format(path)
     device = resolve_device(device)
