@@ -60,13 +60,15 @@ def load_model(
     a thread of its own that exits when it is done (see qgpt_code/fresh_thread.py: an engine thread
     serving the model afterwards then keeps its full CPU speed).
     """
+    device = resolve_device(device)
+    if device.type == "cuda" and device.index is None:  # "cuda" is the caller's current device, not the worker's
+        device = torch.device("cuda", torch.cuda.current_device())
     return run_in_fresh_thread(_load_model, path, device, dtype, tokenizer, progress)
 
 
-def _load_model(path, device, dtype, tokenizer, progress) -> LoadedModel:
+def _load_model(path, device: torch.device, dtype, tokenizer, progress) -> LoadedModel:
     path = Path(path).expanduser()
     fmt = detect_format(path)
-    device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     if fmt == "gguf":
         from qgpt_code.checkpoints import gguf
