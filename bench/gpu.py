@@ -322,11 +322,11 @@ def report_floor(report: Report, weight_bytes: int, label: str, key: str) -> Non
 
 def matvec_weights(model) -> list[torch.Tensor]:
     """The weights a decode step multiplies, in order: per layer wqkv, wo, w13, w2; then the head."""
-    weights = []
-    for layer in model.layers:
-        attn, ffn = layer.attention, layer.feed_forward
-        weights += [attn.wqkv.weight, attn.wo.weight, ffn.w13.weight, ffn.w2.weight]
-    weights.append(model.tok_embeddings.weight if model.output is None else model.output.weight)
+    from qgpt_code.model import projections_of
+
+    weights = [module.weight for module in projections_of(model)]
+    if model.output is None:  # tied: the head is the embedding table
+        weights.append(model.tok_embeddings.weight)
     return weights  # each (out, in)
 
 

@@ -17,16 +17,8 @@ import torch
 from torch import nn
 
 from qgpt_code.kv_cache import KVCache
-from qgpt_code.model import Transformer
+from qgpt_code.model import Transformer, projections_of
 from qgpt_code.quantize import Int8Linear
-
-
-def projections_of(model: Transformer) -> list[nn.Module]:
-    """Every module that multiplies activations by a weight in a decode step."""
-    modules = [model.output] if model.output is not None else []
-    for layer in model.layers:
-        modules += [layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13, layer.feed_forward.w2]
-    return modules
 
 
 def _fusable(module: nn.Module) -> bool:
@@ -124,6 +116,9 @@ class NativeCpuDecode:
         self.output = (FloatProjection(model.tok_embeddings.weight) if model.output is None
                        else projection(model.output, kernels))
         self.rope = torch.view_as_real(model.rope).contiguous()  # (positions, hd/2, 2): cos, sin
+        layer_bytes = cache.k[0].numel() * cache.k.element_size()  # keys of one layer; values alike
+        self.layer_caches = [(cache.k.data_ptr() + i * layer_bytes, cache.v.data_ptr() + i * layer_bytes)
+                             for i in range(model.args.n_layers)]
         self.activations: dict[int, Activations] = {}
 
     @torch.inference_mode()
@@ -141,14 +136,12 @@ class NativeCpuDecode:
         torch.index_select(self.model.tok_embeddings.weight, 0, torch.tensor(tokens), out=a.h)
         rows_c, positions_c = (ctypes.c_int64 * batch)(*rows), (ctypes.c_int64 * batch)(*positions)
         h, x, delta = a.h.data_ptr(), a.x.data_ptr(), a.delta.data_ptr()
-        layer_stride = self.cache.k[0].numel() * self.cache.k.element_size()
-        keys, values = self.cache.k.data_ptr(), self.cache.v.data_ptr()
         residual = None  # nothing to add before the first norm
-        for i, w in enumerate(self.layers):
+        for w, (keys, values) in zip(self.layers, self.layer_caches):
             kernels.add_rms_norm(h, residual, w.attention_norm, x, batch, args.dim, args.norm_eps)
             w.wqkv(a.x, a.qkv)
             kernels.decode_attention(
-                a.qkv.data_ptr(), keys + i * layer_stride, values + i * layer_stride, self.rope.data_ptr(),
+                a.qkv.data_ptr(), keys, values, self.rope.data_ptr(),
                 rows_c, positions_c, a.attention.data_ptr(), a.scratch.data_ptr(),
                 batch, args.n_heads, args.n_kv_heads, args.head_dim, self.cache.max_seq_len,
             )

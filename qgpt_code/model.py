@@ -166,6 +166,15 @@ def checkpoint_tensors(model: "Transformer") -> dict[str, torch.Tensor]:
     return {name: params[slot.param][slot.start : slot.stop] for name, slot in checkpoint_layout(model.args).items()}
 
 
+def projections_of(model: "Transformer") -> list[nn.Module]:
+    """Every module that multiplies activations by a weight in a decode step, in order: per layer
+    wqkv, wo, w13, w2, then the output head (none for a tied model, which uses the embedding table)."""
+    modules = []
+    for layer in model.layers:
+        modules += [layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13, layer.feed_forward.w2]
+    return modules + ([model.output] if model.output is not None else [])
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
