@@ -195,7 +195,8 @@ def test_overload_is_429_with_retry_after_and_clears(narrow):
 
 
 def test_request_timeout_ends_a_generation():
-    server = RunningServer(make_engine(infill_model(), max_batch=1), ServerSettings(model_id="t", request_timeout=0.3))
+    # 1,000 tokens of this tiny model take 0.1-0.25 s on the 2-core machine: the deadline must fall well inside.
+    server = RunningServer(make_engine(infill_model(), max_batch=1), ServerSettings(model_id="t", request_timeout=0.02))
     try:
         start = time.monotonic()
         reply = server.openai().completions.create(model="t", prompt="x", extra_body={"ignore_eos": True},
