@@ -3,8 +3,9 @@
 Per layer it makes four matrix products (PyTorch's BLAS into preallocated buffers, or the C int8
 kernel for weight-only int8 layers) and three kernel calls (norm with the residual add, attention
 with rotary and the cache write, SwiGLU) instead of some forty PyTorch operations, whose dispatch
-cost as much as the arithmetic they do. The math is model.py's, in float32; tests hold the two to
-the same logits and greedy tokens.
+cost as much as the arithmetic they do. Attention reads and writes the paged cache in place,
+through each sequence's block table. The math is model.py's, in float32; tests hold the two to the
+same logits.
 """
 
 from __future__ import annotations
@@ -98,12 +99,14 @@ class Activations:
 
 
 class NativeCpuDecode:
-    """A decode step with the same contract as `EagerDecode`: (tokens, positions, rows, kv_len) -> (B, vocab).
+    """A decode step on the paged cache: (tokens, positions, tables) -> logits (B, vocab) float32.
 
-    `kv_len` is ignored: each row attends to exactly the positions up to its own."""
+    Token b sits at position positions[b] of the sequence whose block table is tables[b]; its keys and
+    values are written there and it attends to positions 0..positions[b], read from the blocks where
+    they lie. `max_seq_len` bounds the positions (one sequence's length) and sizes attention's scratch."""
 
-    def __init__(self, model: Transformer, cache: KVCache, kernels: ctypes.CDLL):
-        self.model, self.cache, self.kernels = model, cache, kernels
+    def __init__(self, model: Transformer, cache: KVCache, kernels: ctypes.CDLL, max_seq_len: int):
+        self.model, self.cache, self.kernels, self.max_seq_len = model, cache, kernels, max_seq_len
         self.layers = [
             LayerWeights(
                 projection(layer.attention.wqkv, kernels), projection(layer.attention.wo, kernels),
@@ -121,29 +124,43 @@ class NativeCpuDecode:
                              for i in range(model.args.n_layers)]
         self.activations: dict[int, Activations] = {}
 
-    @torch.inference_mode()
-    def __call__(self, tokens: Sequence[int], positions: Sequence[int], rows: Sequence[int], kv_len: int) -> torch.Tensor:
-        args, kernels, batch = self.model.args, self.kernels, len(tokens)
-        # The kernels write where they are told: check every index before any write.
-        length = min(self.cache.max_seq_len, len(self.rope))
+    def _tables(self, positions: Sequence[int], tables: Sequence[Sequence[int]]) -> tuple[ctypes.Array, int]:
+        """The block tables as one (B, W) int64 array, checked: the kernel writes where they say."""
+        length, n_blocks, bs = min(self.max_seq_len, len(self.rope)), self.cache.n_blocks, self.cache.block_size
         if bad := [p for p in positions if not 0 <= p < length]:
-            raise IndexError(f"position {bad[0]} is outside the cache's {length}")
-        if bad := [r for r in rows if not 0 <= r < self.cache.n_rows]:
-            raise IndexError(f"row {bad[0]} is outside the cache's {self.cache.n_rows} rows")
+            raise IndexError(f"position {bad[0]} is outside the {length} positions a sequence may hold")
+        for b, (position, table) in enumerate(zip(positions, tables)):
+            if len(table) <= position // bs:
+                raise IndexError(f"table {b} has {len(table)} blocks: position {position} needs {position // bs + 1}")
+            if table and not (0 <= min(table) and max(table) < n_blocks):  # every step: the cheap check first
+                bad = next(block for block in table if not 0 <= block < n_blocks)
+                raise IndexError(f"block {bad} (table {b}) is outside the cache's {n_blocks} blocks")
+        # Only the blocks up to each position are read: the rest of a table need not travel.
+        used = [list(table[: position // bs + 1]) for position, table in zip(positions, tables)]
+        width = max(len(blocks) for blocks in used)
+        flat = [block for blocks in used for block in blocks + [0] * (width - len(blocks))]  # 0: never read
+        return (ctypes.c_int64 * len(flat))(*flat), width
+
+    @torch.inference_mode()
+    def __call__(self, tokens: Sequence[int], positions: Sequence[int], tables: Sequence[Sequence[int]]) -> torch.Tensor:
+        args, kernels, batch = self.model.args, self.kernels, len(tokens)
+        if not batch == len(positions) == len(tables):
+            raise ValueError(f"{batch} tokens, {len(positions)} positions, {len(tables)} tables")
+        tables_c, width = self._tables(positions, tables)  # checked before any write
         a = self.activations.get(batch)
         if a is None:
-            a = self.activations[batch] = Activations(self.model, batch, self.cache.max_seq_len)
+            a = self.activations[batch] = Activations(self.model, batch, self.max_seq_len)
         torch.index_select(self.model.tok_embeddings.weight, 0, torch.tensor(tokens), out=a.h)
-        rows_c, positions_c = (ctypes.c_int64 * batch)(*rows), (ctypes.c_int64 * batch)(*positions)
+        positions_c = (ctypes.c_int64 * batch)(*positions)
         h, x, delta = a.h.data_ptr(), a.x.data_ptr(), a.delta.data_ptr()
         residual = None  # nothing to add before the first norm
         for w, (keys, values) in zip(self.layers, self.layer_caches):
             kernels.add_rms_norm(h, residual, w.attention_norm, x, batch, args.dim, args.norm_eps)
             w.wqkv(a.x, a.qkv)
             kernels.decode_attention(
-                a.qkv.data_ptr(), keys, values, self.rope.data_ptr(),
-                rows_c, positions_c, a.attention.data_ptr(), a.scratch.data_ptr(),
-                batch, args.n_heads, args.n_kv_heads, args.head_dim, self.cache.max_seq_len,
+                a.qkv.data_ptr(), keys, values, self.rope.data_ptr(), tables_c, width, positions_c,
+                a.attention.data_ptr(), a.scratch.data_ptr(), batch, args.n_heads, args.n_kv_heads,
+                args.head_dim, self.cache.block_size, self.max_seq_len,
             )
             w.wo(a.attention, a.delta)
             kernels.add_rms_norm(h, delta, w.ffn_norm, x, batch, args.dim, args.norm_eps)

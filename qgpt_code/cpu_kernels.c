@@ -7,11 +7,16 @@
  * that work in three calls per layer, the same math as qgpt_code/model.py in float32; int8_matmul
  * is the matrix product for weight-only int8 layers, which BLAS cannot read.
  *
+ * The KV cache is paged (qgpt_code/kv_cache.py): a pool of fixed-size blocks, a sequence's anywhere
+ * in it, in the order its block table lists. decode_attention reads and writes the cache through the
+ * tables, in place: gathering a sequence's blocks into one copy would triple attention's memory traffic.
+ *
  * Parallel loops use OpenMP when GCC builds the library: loaded after PyTorch, it binds to the
  * libgomp PyTorch has already loaded (same soname), so they share PyTorch's thread pool and thread
  * count. A Clang build (SIMD only, see native.py) runs them on the calling thread.
  *
- * Built on first use by qgpt_code/native.py; every tensor is contiguous: float32, int64 ids, int8 weights.
+ * Built on first use by qgpt_code/native.py; every tensor is contiguous: float32, int64 ids and block
+ * tables, int8 weights.
  */
 #include <math.h>
 #include <stdint.h>
@@ -50,66 +55,158 @@ static v8 sum_lanes(const v8 x[LANES]) {
     return ADD_NEIGHBOURS(quads[0], quads[1]);
 }
 
-/* scores[j, t] = q[j] . k[t] * scale for a group of queries q (group, head_dim) and keys
- * k (length, head_dim); scores: (group, length). Eight keys at a time, each with its own
- * accumulator so the multiply-adds do not wait on one another, and every query of the group
+/* One kv head's keys or values for one sequence in the paged cache: position t is row
+ * t % block_size of block table[t / block_size], and a block's rows for the head are contiguous,
+ * (block_size, head_dim). Positions 0..length-1 lie in the first `blocks` blocks of the table. */
+typedef struct {
+    const float *head;     /* the head's rows in block 0 of the pool: the cache + g * block_size * head_dim */
+    const int64_t *table;  /* the sequence's block ids */
+    int64_t blocks, block_size, block_stride, head_dim;  /* block_stride: floats from one pool block to the next */
+    int64_t ahead_blocks, ahead_rows, touch_blocks;  /* PREFETCH_AHEAD as blocks and rows; TOUCH_AHEAD in blocks */
+} paged;
+
+/* A sequence's blocks lie anywhere in the pool, so the hardware prefetcher, which follows addresses,
+ * stalls at the start of every block: the kernels prefetch each row's lines PREFETCH_AHEAD positions
+ * before reading it. A prefetch to a page missing from the TLB may do nothing, so each block's pages
+ * are touched, one prefetch per page, TOUCH_AHEAD positions before that. Measured on an EPYC (blocks
+ * of 16, head_dim 64, the cache in DRAM): the line prefetches alone left attention at 1.3x the time
+ * of a contiguous cache, with the touches 1.05-1.15x; 40 positions beat 32, 48 and 64. */
+#define PREFETCH_AHEAD 40
+#define TOUCH_AHEAD 64
+#define PAGE_FLOATS 1024 /* 4 KiB */
+
+static paged paged_head(const float *cache, const int64_t *table, int64_t length, int64_t g, int64_t n_kv_heads,
+                        int64_t block_size, int64_t head_dim) {
+    const int64_t head_size = block_size * head_dim;
+    return (paged){cache + g * head_size, table, (length + block_size - 1) / block_size, block_size,
+                   n_kv_heads * head_size, head_dim, PREFETCH_AHEAD / block_size, PREFETCH_AHEAD % block_size,
+                   (TOUCH_AHEAD + block_size - 1) / block_size};
+}
+
+static inline const float *block_rows(const paged *p, int64_t block) {  /* (block_size, head_dim) */
+    return p->head + p->table[block] * p->block_stride;
+}
+
+/* Rows in block i (all of them but in the last, which may be partial) of positions 0..length-1. */
+static inline int64_t rows_in(const paged *p, int64_t i, int64_t length) {
+    const int64_t left = length - i * p->block_size;
+    return left < p->block_size ? left : p->block_size;
+}
+
+/* The prefetches below are always inlined: GCC takes a function that only prefetches for one without
+ * effects, and drops its calls. */
+
+/* Prefetch the `count` positions PREFETCH_AHEAD after row `row` of block i (within the first blocks). */
+static inline __attribute__((always_inline)) void prefetch_ahead(const paged *p, int64_t i, int64_t row,
+                                                                 int64_t count) {
+    int64_t block = i + p->ahead_blocks, offset = row + p->ahead_rows;
+    if (offset >= p->block_size) { block++; offset -= p->block_size; }
+    for (; count > 0 && block < p->blocks; block++, offset = 0) {
+        const int64_t run = count < p->block_size - offset ? count : p->block_size - offset;
+        const float *rows = block_rows(p, block) + offset * p->head_dim;
+        for (int64_t line = 0; line < run * p->head_dim; line += 16) __builtin_prefetch(rows + line);
+        count -= run;
+    }
+}
+
+/* Touch every page of the block TOUCH_AHEAD positions (rounded up to blocks) after block i. */
+static inline __attribute__((always_inline)) void touch_ahead(const paged *p, int64_t i) {
+    if (i + p->touch_blocks >= p->blocks) return;
+    const float *rows = block_rows(p, i + p->touch_blocks);
+    const int64_t size = p->block_size * p->head_dim;
+    for (int64_t page = 0; page < size; page += PAGE_FLOATS) __builtin_prefetch(rows + page);
+    __builtin_prefetch(rows + size - 1);  /* the last page, when the rows do not start one */
+}
+
+/* scores[j, t] = q[j] . k[t] * scale for a group of queries q (group, head_dim) and the keys of
+ * positions 0..length-1; scores: (group, length). Block by block, eight keys at a time, each with
+ * its own accumulator so the multiply-adds do not wait on one another, and every query of the group
  * reads the eight while they are in the L1 cache. */
-static void score_keys(const float *q, int64_t group, const float *k, int64_t length, int64_t head_dim,
-                       float scale, float *scores) {
-    int64_t t = 0;
-    if (head_dim % LANES == 0) {
-        for (; t + LANES <= length; t += LANES) {
-            const float *block = k + t * head_dim;
-            for (int64_t line = 0; line < LANES * head_dim; line += 16)  /* the block after next */
-                __builtin_prefetch(block + 2 * LANES * head_dim + line);
-            for (int64_t j = 0; j < group; j++) {
-                v8 acc[LANES] = {{0}};
-                for (int64_t i = 0; i < head_dim; i += LANES) {
-                    const v8 qi = *(const v8 *)(q + j * head_dim + i);
-                    for (int key = 0; key < LANES; key++) acc[key] += qi * *(const v8 *)(block + key * head_dim + i);
+static void score_keys(const float *q, int64_t group, const paged *k, int64_t length, float scale, float *scores) {
+    const int64_t head_dim = k->head_dim;
+    for (int64_t i = 0; i < k->blocks; i++) {
+        const float *keys = block_rows(k, i);
+        touch_ahead(k, i);
+        const int64_t rows = rows_in(k, i, length);
+        float *s = scores + i * k->block_size;
+        int64_t t = 0;
+        if (head_dim % LANES == 0) {
+            for (; t + LANES <= rows; t += LANES) {
+                const float *eight = keys + t * head_dim;
+                prefetch_ahead(k, i, t, LANES);
+                for (int64_t j = 0; j < group; j++) {
+                    v8 acc[LANES] = {{0}};
+                    for (int64_t d = 0; d < head_dim; d += LANES) {
+                        const v8 qd = *(const v8 *)(q + j * head_dim + d);
+                        for (int key = 0; key < LANES; key++) acc[key] += qd * *(const v8 *)(eight + key * head_dim + d);
+                    }
+                    *(v8 *)(s + j * length + t) = sum_lanes(acc) * scale;
                 }
-                *(v8 *)(scores + j * length + t) = sum_lanes(acc) * scale;
             }
         }
+        if (t < rows) prefetch_ahead(k, i, t, rows - t);
+        for (; t < rows; t++)
+            for (int64_t j = 0; j < group; j++)
+                s[j * length + t] = dot(q + j * head_dim, keys + t * head_dim, head_dim) * scale;
     }
-    for (; t < length; t++)
-        for (int64_t j = 0; j < group; j++) scores[j * length + t] = dot(q + j * head_dim, k + t * head_dim, head_dim) * scale;
 }
 
 #define VALUE_BLOCK 32 /* values per pass: 32 rows of up to 128 floats stay in the L1 cache */
 
-/* y[0 : n * LANES] += sum over t in [t0, t1) of w[t] * v[t, 0 : n * LANES], rows of v `stride`
- * apart. Always inlined with a constant n, so the n accumulators live in registers. */
+/* Positions [start, end) of a pass whose values are the rows from `rows` on, in one cache block. */
+typedef struct {
+    const float *rows;
+    int64_t start, end;
+} segment;
+
+/* y[0 : n * LANES] += sum over the pass's positions t of w[t] * v[t, d : d + n * LANES], the values
+ * in `count` segments. Always inlined with a constant n, so the n accumulators live in registers
+ * for the whole pass, across its blocks. */
 static inline __attribute__((always_inline)) void accumulate_values(
-    float *y, const float *w, const float *v, int64_t t0, int64_t t1, int64_t stride, const int n) {
+    float *y, const float *w, const segment *pass, int count, int64_t head_dim, int64_t d, const int n) {
     v8 acc[LANES];
     for (int c = 0; c < n; c++) acc[c] = *(const v8 *)(y + c * LANES);
-    for (int64_t t = t0; t < t1; t++)
-        for (int c = 0; c < n; c++) acc[c] += w[t] * *(const v8 *)(v + t * stride + c * LANES);
+    for (int s = 0; s < count; s++) {
+        const float *v = pass[s].rows + d;
+        for (int64_t t = pass[s].start; t < pass[s].end; t++, v += head_dim)
+            for (int c = 0; c < n; c++) acc[c] += w[t] * *(const v8 *)(v + c * LANES);
+    }
     for (int c = 0; c < n; c++) *(v8 *)(y + c * LANES) = acc[c];
 }
 
 /* y[j] = sum over t < length of weights[j, t] * v[t] for a group of weight rows (group, length)
- * and values v (length, head_dim); y: (group, head_dim). Values are taken VALUE_BLOCK rows at a
- * time and every row of weights uses them while they are in the L1 cache; the outputs are
- * accumulated 64, 32, 16 or 8 at a time in vector registers while the block streams past. */
-static void weigh_values(const float *weights, int64_t group, const float *v, int64_t length, int64_t head_dim,
-                         float *y) {
+ * and the values of positions 0..length-1; y: (group, head_dim). Values are taken VALUE_BLOCK
+ * positions at a time, from as many cache blocks as they lie in, and every row of weights uses them
+ * while they are in the L1 cache; the outputs are accumulated 64, 32, 16 or 8 at a time in vector
+ * registers while the pass streams past. */
+static void weigh_values(const float *weights, int64_t group, const paged *v, int64_t length, float *y) {
+    const int64_t head_dim = v->head_dim, block_size = v->block_size;
+    int64_t block = 0, offset = 0;  /* where the pass starts */
     memset(y, 0, group * head_dim * sizeof(float));
     for (int64_t t0 = 0; t0 < length; t0 += VALUE_BLOCK) {
         const int64_t t1 = t0 + VALUE_BLOCK < length ? t0 + VALUE_BLOCK : length;
-        for (int64_t line = 0; line < VALUE_BLOCK * head_dim; line += 16)  /* the next block */
-            __builtin_prefetch(v + t1 * head_dim + line);
+        segment pass[VALUE_BLOCK];  /* at most one block per position */
+        int count = 0;
+        for (int64_t t = t0; t < t1; count++) {
+            const int64_t run = t1 - t < block_size - offset ? t1 - t : block_size - offset;
+            if (offset == 0) touch_ahead(v, block);
+            prefetch_ahead(v, block, offset, run);
+            pass[count] = (segment){block_rows(v, block) + offset * head_dim, t, t + run};
+            t += run, offset += run;
+            if (offset == block_size) block++, offset = 0;
+        }
         for (int64_t j = 0; j < group; j++) {
             const float *w = weights + j * length;
             float *yj = y + j * head_dim;
-            int64_t i = 0;
-            for (; i + 8 * LANES <= head_dim; i += 8 * LANES) accumulate_values(yj + i, w, v + i, t0, t1, head_dim, 8);
-            if (i + 4 * LANES <= head_dim) { accumulate_values(yj + i, w, v + i, t0, t1, head_dim, 4); i += 4 * LANES; }
-            if (i + 2 * LANES <= head_dim) { accumulate_values(yj + i, w, v + i, t0, t1, head_dim, 2); i += 2 * LANES; }
-            if (i + LANES <= head_dim) { accumulate_values(yj + i, w, v + i, t0, t1, head_dim, 1); i += LANES; }
-            for (int64_t t = t0; t < t1; t++)  /* the last head_dim % 8 outputs, if any */
-                for (int64_t r = i; r < head_dim; r++) yj[r] += w[t] * v[t * head_dim + r];
+            int64_t d = 0;
+            for (; d + 8 * LANES <= head_dim; d += 8 * LANES) accumulate_values(yj + d, w, pass, count, head_dim, d, 8);
+            if (d + 4 * LANES <= head_dim) { accumulate_values(yj + d, w, pass, count, head_dim, d, 4); d += 4 * LANES; }
+            if (d + 2 * LANES <= head_dim) { accumulate_values(yj + d, w, pass, count, head_dim, d, 2); d += 2 * LANES; }
+            if (d + LANES <= head_dim) { accumulate_values(yj + d, w, pass, count, head_dim, d, 1); d += LANES; }
+            for (int s = 0; s < count && d < head_dim; s++)  /* the last head_dim % 8 outputs, if any */
+                for (int64_t t = pass[s].start; t < pass[s].end; t++)
+                    for (int64_t r = d; r < head_dim; r++)
+                        yj[r] += w[t] * pass[s].rows[(t - pass[s].start) * head_dim + r];
         }
     }
 }
@@ -243,23 +340,25 @@ static void rotate(const float *x, const float *rot, float *y, int64_t head_dim)
     }
 }
 
-/* One layer's attention for one new token per sequence.
+/* One layer's attention for one new token per sequence, on the paged cache.
  *
  * qkv: (batch, (n_heads + 2 * n_kv_heads) * head_dim), the fused projection: q heads, k heads, v heads.
- * keys, values: this layer's cache, (rows, n_kv_heads, max_seq_len, head_dim).
+ * keys, values: this layer's cache, (n_blocks, n_kv_heads, block_size, head_dim).
  * rope: (positions, head_dim / 2, 2) cos and sin of every position's rotary angles.
- * rows, positions: (batch,) each sequence's cache row and the new token's position.
- * out: (batch, n_heads * head_dim). scratch: batch * n_heads * (head_dim + max_seq_len) floats.
+ * tables: (batch, table_width) each sequence's block ids: position p is row p % block_size of block
+ * tables[b, p / block_size]. positions: (batch,) the new token's position, below max_length.
+ * out: (batch, n_heads * head_dim). scratch: batch * n_heads * (head_dim + max_length) floats.
  *
  * For each sequence and kv head: rotates that head's k and its group of q heads (query head h uses
  * kv head h / (n_heads / n_kv_heads)), writes k and v at the sequence's position, and attends the
- * group over positions 0..position (the causal mask of a single query: no masked key is read).
- * (sequence, kv head) pairs are
- * independent, so they are shared among PyTorch's OpenMP threads when there is enough work. */
+ * group over positions 0..position (the causal mask of a single query: no masked key is read),
+ * block by block in the table's order, reading the cache where it lies (no gathered copy).
+ * (sequence, kv head) pairs are independent, so they are shared among PyTorch's OpenMP threads
+ * when there is enough work. */
 void decode_attention(const float *qkv, float *keys, float *values, const float *rope,
-                      const int64_t *rows, const int64_t *positions, float *out, float *scratch,
-                      int64_t batch, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
-                      int64_t max_seq_len) {
+                      const int64_t *tables, int64_t table_width, const int64_t *positions,
+                      float *out, float *scratch, int64_t batch, int64_t n_heads, int64_t n_kv_heads,
+                      int64_t head_dim, int64_t block_size, int64_t max_length) {
     const int64_t width = (n_heads + 2 * n_kv_heads) * head_dim;
     const int64_t group = n_heads / n_kv_heads;
     const float scale = 1.0f / sqrtf((float)head_dim);
@@ -270,21 +369,25 @@ void decode_attention(const float *qkv, float *keys, float *values, const float 
     for (int64_t b = 0; b < batch; b++) {
         for (int64_t g = 0; g < n_kv_heads; g++) {
             const float *src = qkv + b * width;
+            const int64_t *table = tables + b * table_width;
             const int64_t pos = positions[b], length = pos + 1;
             const float *rot = rope + pos * head_dim;
-            float *q = scratch + (b * n_kv_heads + g) * group * (head_dim + max_seq_len);  /* (group, hd) */
+            float *q = scratch + (b * n_kv_heads + g) * group * (head_dim + max_length);  /* (group, hd) */
             float *scores = q + group * head_dim;  /* (group, length): the heads' attention weights */
+            const paged k = paged_head(keys, table, length, g, n_kv_heads, block_size, head_dim);
+            const paged v = paged_head(values, table, length, g, n_kv_heads, block_size, head_dim);
 
-            const int64_t head_start = ((rows[b] * n_kv_heads + g) * max_seq_len) * head_dim;
-            float *k = keys + head_start, *v = values + head_start;
-            rotate(src + (n_heads + g) * head_dim, rot, k + pos * head_dim, head_dim);
-            memcpy(v + pos * head_dim, src + (n_heads + n_kv_heads + g) * head_dim, head_dim * sizeof(float));
+            /* The new token's k and v: row pos % block_size of the head in block table[pos / block_size]. */
+            const int64_t slot =
+                ((table[pos / block_size] * n_kv_heads + g) * block_size + pos % block_size) * head_dim;
+            rotate(src + (n_heads + g) * head_dim, rot, keys + slot, head_dim);
+            memcpy(values + slot, src + (n_heads + n_kv_heads + g) * head_dim, head_dim * sizeof(float));
             for (int64_t j = 0; j < group; j++)
                 rotate(src + (g * group + j) * head_dim, rot, q + j * head_dim, head_dim);
 
-            score_keys(q, group, k, length, head_dim, scale, scores);
+            score_keys(q, group, &k, length, scale, scores);
             softmax_rows(scores, group, length);
-            weigh_values(scores, group, v, length, head_dim, out + (b * n_heads + g * group) * head_dim);
+            weigh_values(scores, group, &v, length, out + (b * n_heads + g * group) * head_dim);
         }
     }
 }

@@ -2,14 +2,13 @@
 
 One background thread owns the model, the KV cache and the `Scheduler`; callers only `submit`
 requests and read events from the returned `RequestHandle` (a blocking iterator, or an async
-iterator for asyncio servers). Keys/values of finished requests stay in the prefix store, so the
+iterator for asyncio servers). Keys/values of finished requests stay cached in the block pool, so the
 next request about the same file or the next turn of the same chat only computes what changed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import threading
 import time
@@ -24,12 +23,11 @@ from qgpt_code.decode_step import make_decode
 from qgpt_code.errors import QGPTError
 from qgpt_code.fresh_thread import run_in_fresh_thread
 from qgpt_code.generation import Completion, SamplingParams, TokenEvent
-from qgpt_code.kv_cache import KVCache, PrefixStore
+from qgpt_code.cache_plan import plan_cache
+from qgpt_code.kv_cache import BLOCK_SIZE, BlockPool, KVCache
 from qgpt_code.scheduler import Scheduler, Sequence as SchedSequence
 
-DEFAULT_MAX_SEQ_LEN = 4096  # cache row length when the model's context is longer (flag: --max-seq-len)
-DEFAULT_CPU_CACHE_BYTES = 2 << 30  # CPU RAM is shared with everything else; 2 GiB holds ~10 rows of SmolLM2
-GPU_CACHE_FRACTION = 0.5  # of the device memory still free once the weights are loaded
+DEFAULT_MAX_SEQ_LEN = 4096  # tokens one sequence may hold when the model's context is longer (--max-seq-len)
 
 
 class EngineOverloaded(QGPTError):
@@ -131,22 +129,36 @@ class EngineStats:
     running: int
     queued: int
     prefix_hits: int  # admitted requests that reused a cached prefix
-    tokens_reused: int  # prompt tokens served from the prefix cache
+    prompt_tokens: int  # prompt tokens of admitted requests
+    tokens_reused: int  # of those, served from the prefix cache (prefix hit rate: tokens_reused / prompt_tokens)
     tokens_computed: int  # tokens run through the model (prefill and decode)
-    cache_bytes_in_use: int  # keys/values actually held
-    cache_bytes_capacity: int  # the preallocated KV cache
-    cache_rows: int
-    evictions: int
+    cache_bytes_in_use: int  # blocks holding keys/values: referenced or cached
+    cache_bytes_capacity: int  # the whole block pool
+    blocks_total: int
+    blocks_used: int  # referenced by running sequences
+    blocks_shared: int  # referenced by more than one running sequence
+    blocks_cached: int  # kept for later requests, referenced by none (evictable)
+    blocks_free: int
+    block_size: int  # tokens per block
+    evictions: int  # cached blocks evicted for room
+    preemptions: int  # running sequences sent back to wait (recomputed later) when the pool ran out
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Fraction of admitted prompt tokens served from the prefix cache."""
+        return self.tokens_reused / self.prompt_tokens if self.prompt_tokens else 0.0
 
 
 class Engine:
     """A model served to many concurrent callers with continuous batching and prefix reuse.
 
-    max_batch: sequences decoded together; max_queue: requests waiting beyond those (more fail
-    fast with EngineOverloaded); cache_bytes: KV-cache budget (default: half the free GPU memory,
-    or 2 GiB on the CPU), split into rows of max_seq_len positions; at least max_batch + 1 rows are
-    needed so one finished prefix can stay cached while a full batch runs. eager: run the decode
-    step as plain PyTorch (default: CUDA graphs captured at start-up on a GPU, fused kernels on the CPU).
+    max_batch: sequences decoded together; max_queue: requests waiting beyond those (more fail fast
+    with EngineOverloaded); cache_bytes: the KV block pool (default: most of the GPU memory left free
+    after the weights and the largest step's activations, or 2 GiB on the CPU; see cache_plan.py);
+    max_seq_len: tokens one sequence may hold (prompt and completion; reserves nothing, but at most
+    what the pool holds); prefill_budget: prompt tokens computed per step, shared by new requests.
+    eager: run the decode step as plain PyTorch (default: CUDA graphs captured at start-up on a GPU,
+    fused kernels on the CPU).
     """
 
     def __init__(
@@ -156,7 +168,7 @@ class Engine:
         max_queue: int = 64,
         cache_bytes: int | None = None,
         max_seq_len: int | None = None,
-        prefill_chunk: int = 512,
+        prefill_budget: int = 512,
         eager: bool = False,
     ):
         self.loaded = loaded
@@ -164,21 +176,14 @@ class Engine:
         self.max_batch = max_batch
         self.max_queue = max_queue
         args = loaded.model.args
-        self.max_seq_len = min(max_seq_len or DEFAULT_MAX_SEQ_LEN, args.max_seq_len)
-        per_token = KVCache.bytes_per_token(args, loaded.dtype)
-        budget = cache_bytes if cache_bytes is not None else default_cache_bytes(loaded.device)
-        rows = budget // (per_token * self.max_seq_len)
-        if rows < max_batch + 1:
-            raise QGPTError(
-                f"a KV-cache budget of {budget / 2**20:.0f} MiB holds {rows} rows of {self.max_seq_len} tokens "
-                f"but max_batch={max_batch} needs {max_batch + 1}: raise --cache-bytes, or lower "
-                "--max-seq-len or --max-batch"
-            )
+        self.plan = plan_cache(loaded, cache_bytes, max_batch, prefill_budget, min(max_seq_len or DEFAULT_MAX_SEQ_LEN, args.max_seq_len))
+        self.max_seq_len = self.plan.max_seq_len
         # Allocated (and zeroed) off the calling thread: see qgpt_code/fresh_thread.py.
-        cache = run_in_fresh_thread(KVCache, args, rows, self.max_seq_len, loaded.device, loaded.dtype)
-        self.store = PrefixStore(cache)
-        decode = make_decode(loaded.model, cache, max_batch, eager)  # graphs captured now, on a GPU
-        self.scheduler = Scheduler(loaded.model, loaded.tokenizer, self.store, max_batch, prefill_chunk, decode)
+        cache = run_in_fresh_thread(KVCache, args, self.plan.blocks, BLOCK_SIZE, loaded.device, loaded.dtype)
+        self.pool = BlockPool(cache)
+        decode = make_decode(loaded.model, cache, max_batch, self.max_seq_len, eager)  # graphs captured now, on a GPU
+        self.scheduler = Scheduler(loaded.model, loaded.tokenizer, self.pool, max_batch, self.max_seq_len,
+                                   prefill_budget, decode)
         self._lock = threading.Condition()
         self._incoming: deque[RequestHandle] = deque()
         self._handles: dict[int, RequestHandle] = {}  # sequence id -> handle, engine thread only
@@ -219,14 +224,22 @@ class Engine:
 
     def stats(self) -> EngineStats:
         with self._lock:
-            store = self.store
+            pool, scheduler = self.pool, self.scheduler
+            blocks = pool.counts()
             return EngineStats(
                 requests_submitted=self._submitted, requests_finished=self._finished,
-                running=len(self.scheduler.running), queued=self._queued_locked(),
-                prefix_hits=store.hits, tokens_reused=store.tokens_reused,
-                tokens_computed=self.scheduler.tokens_computed, cache_bytes_in_use=store.bytes_in_use,
-                cache_bytes_capacity=store.cache.nbytes, cache_rows=store.cache.n_rows, evictions=store.evictions,
+                running=len(scheduler.running), queued=self._queued_locked(),
+                prefix_hits=scheduler.prefix_hits, prompt_tokens=scheduler.prompt_tokens,
+                tokens_reused=scheduler.tokens_reused, tokens_computed=scheduler.tokens_computed,
+                cache_bytes_in_use=pool.bytes_in_use, cache_bytes_capacity=pool.cache.nbytes,
+                blocks_total=blocks["total"], blocks_used=blocks["used"], blocks_shared=blocks["shared"],
+                blocks_cached=blocks["cached"], blocks_free=blocks["free"], block_size=pool.block_size,
+                evictions=pool.evictions, preemptions=scheduler.preemptions,
             )
+
+    def describe_cache(self) -> str:
+        """One line for start-up: what the KV cache holds."""
+        return self.plan.describe()
 
     def close(self) -> None:
         """Stop the engine thread; requests still running end with finish_reason "cancelled"."""
@@ -304,9 +317,3 @@ class Engine:
             self._handles.clear()
 
 
-def default_cache_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * GPU_CACHE_FRACTION)
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return min(DEFAULT_CPU_CACHE_BYTES, total // 4)

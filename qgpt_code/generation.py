@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 from qgpt_code.checkpoints.assemble import LoadedModel
 from qgpt_code.detokenize import IncrementalDecoder, StopStringFilter
 from qgpt_code.errors import EmptyPromptError, PromptTooLongError, QGPTError
-from qgpt_code.kv_cache import KVCache, PrefixStore
+from qgpt_code.kv_cache import BLOCK_SIZE, BlockPool, KVCache, blocks_for
 from qgpt_code.model import Transformer
 from qgpt_code.tokenizer import Tokenizer
 
@@ -108,6 +108,11 @@ class TextState:
             return TokenEvent(token, text + tail + self.stops.flush(), logprob, "length")
         return TokenEvent(token, text, logprob)
 
+    def finish(self) -> str:
+        """The text still held back (part of a character, a possible stop string) when the sequence
+        ends without a token of its own."""
+        return self.stops.push(self.decoder.flush()) + self.stops.flush()
+
 
 def generate(
     model: Transformer,
@@ -128,12 +133,13 @@ def generate(
 
     context = min(max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
     prompts = [fit_prompt(p, context, params.truncate_prompt) for p in prompts]
-    cache_len = max(len(p) + min(params.max_new_tokens, context - len(p)) for p in prompts)
+    lengths = [len(p) + min(params.max_new_tokens, context - len(p)) for p in prompts]
     weights = model.tok_embeddings.weight
-    cache = KVCache(model.args, len(prompts), cache_len, weights.device, weights.dtype)
-    decode = make_decode(model, cache, len(prompts), eager)
-    scheduler = Scheduler(model, tokenizer, PrefixStore(cache), max_batch=len(prompts), prefill_chunk=cache_len,
-                          decode=decode)
+    # Blocks for every sequence's whole length: nothing is ever preempted or evicted.
+    cache = KVCache(model.args, sum(blocks_for(n) for n in lengths), BLOCK_SIZE, weights.device, weights.dtype)
+    decode = make_decode(model, cache, len(prompts), max(lengths), eager)
+    scheduler = Scheduler(model, tokenizer, BlockPool(cache), max_batch=len(prompts), max_seq_len=context,
+                          prefill_budget=max(lengths), decode=decode)
     index = {scheduler.add(p, params).id: i for i, p in enumerate(prompts)}
     while scheduler.has_work():
         yield [(index[seq.id], event) for seq, event in scheduler.step()]

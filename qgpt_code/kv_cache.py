@@ -1,200 +1,343 @@
-"""Device-resident key/value buffers, written by index.
+"""The paged KV cache: one pool of fixed-size blocks, and the prefix index that shares them.
 
-One preallocated tensor per kind holds every layer, every row (batch slot) and every position, so the
-decode step has static shapes (it can be captured in a CUDA graph) and a row can be copied to another
-row in one call (the prefix store reuses rows this way).
+`KVCache` is the storage: keys and values for `n_blocks` blocks of `block_size` positions, every
+layer, allocated once. A sequence owns no row of it; it holds a `BlockTable` (the ids of its blocks in
+order) and grows one block at a time, so memory follows the tokens actually held, not `max_seq_len`.
+
+`BlockPool` decides which block holds what. Full blocks are keyed by their tokens chained with their
+parent's key (so equal keys mean equal prefixes; hits are verified against the tokens) and shared
+read-only, with a reference count, by every sequence whose tokens start with them. A block nobody
+references stays cached and is evicted least-recently-used, leaves first, only when a new block is
+needed. A sequence that shares a cached block only in part (it diverges mid-block, or the block is
+the partial tail of a finished sequence) gets a copy of that one block (copy-on-write).
+
+    table of a sequence:  [ 7 | 3 | 12 | 40 ]      block 40 is its own, partly filled
+    table of another:     [ 7 | 3 | 19 ]           blocks 7 and 3 shared (refs = 2)
+    cached, unreferenced: [ 7 | 3 | 12 | 25 ]      block 25 evicted first (a leaf), then 40, 12, ...
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
 from qgpt_code.config import ModelArgs
 
+BLOCK_SIZE = 16  # positions per block (vLLM's default): finer sharing than larger blocks, few enough to track
+ROOT = -1  # the parent id of a sequence's first block
+
 
 class KVCache:
-    """Keys and values for `n_rows` sequences of up to `max_seq_len` positions each."""
+    """Keys and values of `n_blocks` blocks of `block_size` positions, for every layer."""
 
     def __init__(
         self,
         args: ModelArgs,
-        n_rows: int,
-        max_seq_len: int,
+        n_blocks: int,
+        block_size: int = BLOCK_SIZE,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ):
-        shape = (args.n_layers, n_rows, args.n_kv_heads, max_seq_len, args.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, rows, n_kv, S, hd)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)  # (L, rows, n_kv, S, hd)
-        self.n_rows = n_rows
-        self.max_seq_len = max_seq_len
+        # Within a block one KV head's keys are contiguous (block_size, hd): attention reads them in runs.
+        shape = (args.n_layers, n_blocks, args.n_kv_heads, block_size, args.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, blocks, n_kv, bs, hd)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)  # (L, blocks, n_kv, bs, hd)
+        self.n_blocks = n_blocks
+        self.block_size = block_size
 
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
+    @property
+    def block_bytes(self) -> int:
+        return self.nbytes // self.n_blocks
+
+    @property
+    def tokens(self) -> int:
+        """Positions the whole pool holds."""
+        return self.n_blocks * self.block_size
+
     @staticmethod
     def bytes_per_token(args: ModelArgs, dtype: torch.dtype) -> int:
-        """Bytes one position of one row takes across all layers (keys and values)."""
+        """Bytes one position takes across all layers (keys and values)."""
         return 2 * args.n_layers * args.n_kv_heads * args.head_dim * torch.finfo(dtype).bits // 8
 
-    def write(
-        self, layer: int, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> None:
-        """Store k, v (B, T, n_kv, hd) at `positions` (B, T) of cache `rows` (B,)."""
-        row_index = rows[:, None]  # (B, 1), broadcasts against positions (B, T)
+    def slots(self, tables: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block ids, offsets), each (B, T): where the tokens at `positions` (B, T) of the sequences
+        with block tables `tables` (B, W) are stored."""
+        return tables.gather(1, positions // self.block_size), positions % self.block_size
+
+    def write(self, layer: int, blocks: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (B, T, n_kv, hd) at `offsets` (B, T) of `blocks` (B, T)."""
         # Advanced indices around a slice: the indexed view is (B, T, n_kv, hd), matching k and v.
-        self.k[layer][row_index, :, positions] = k
-        self.v[layer][row_index, :, positions] = v
+        self.k[layer][blocks, :, offsets] = k
+        self.v[layer][blocks, :, offsets] = v
 
-    def read(
-        self, layer: int, rows: torch.Tensor | slice, kv_len: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `kv_len` positions of `rows`, (B, n_kv, kv_len, hd) each. A slice of rows gives
-        views (no copy: the common decode case); a tensor of row ids gathers a copy."""
-        return self.k[layer, rows, :, :kv_len], self.v[layer, rows, :, :kv_len]
+    def gather(self, layer: int, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of the blocks in `tables` (B, W) laid end to end, (B, n_kv, W * bs, hd)
+        each: a copy. The reference path (prompt chunks, and decode without the fused kernels)."""
+        B, W = tables.shape
+        keys = self.k[layer][tables]  # (B, W, n_kv, bs, hd)
+        values = self.v[layer][tables]
+        return (keys.transpose(1, 2).reshape(B, keys.shape[2], W * self.block_size, -1),
+                values.transpose(1, 2).reshape(B, values.shape[2], W * self.block_size, -1))
 
-    def copy_row(self, src: int, dst: int, length: int) -> None:
-        """Copy the first `length` positions of row `src` into row `dst` (every layer)."""
-        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
-        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
-
-
-BLOCK_SIZE = 32  # tokens per hashed block of the prefix index
-
-
-def _chain_hash(previous: int, block: Sequence[int]) -> int:
-    """Hash of a block given the hash of everything before it (so equal hashes mean equal prefixes,
-    up to collisions, which `PrefixStore` rules out by comparing the tokens themselves)."""
-    return hash((previous, tuple(block)))
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy block `src` into block `dst` (every layer)."""
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
 
 
-def common_prefix_length(a: Sequence[int], b: Sequence[int], limit: int) -> int:
-    n = min(len(a), len(b), limit)
+def blocks_for(tokens: int, block_size: int = BLOCK_SIZE) -> int:
+    """Blocks needed to hold `tokens` positions."""
+    return -(-tokens // block_size)
+
+
+@dataclass
+class BlockTable:
+    """One sequence's blocks, in order, and the tokens whose keys/values they hold."""
+
+    blocks: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    indexed: int = 0  # leading blocks registered in the prefix index (full, shared read-only)
+    shareable: bool = True  # False after a hash collision: its later blocks are never indexed
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass(eq=False)
+class _Block:
+    """What the pool knows of one block."""
+
+    refs: int = 0  # sequences whose tables hold it
+    parent: int = ROOT  # the block before it in the prefix it belongs to (cached blocks only)
+    tokens: tuple[int, ...] = ()  # the tokens it holds, once cached
+    key: int | None = None  # chain key of a cached full block; None for a cached partial block
+    cached: bool = False  # in the prefix index: outlives its sequences until evicted
+    children: set[int] = field(default_factory=set)  # cached blocks whose parent it is
+
+
+def chain_key(parent_key: int, tokens: Sequence[int]) -> int:
+    """Key of a full block: its tokens and everything before them (through the parent's key)."""
+    return hash((parent_key, tuple(tokens)))
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
     for i in range(n):
         if a[i] != b[i]:
             return i
     return n
 
 
-class PrefixStore:
-    """Which token prefixes the rows of a `KVCache` hold, so later requests can reuse them.
+class BlockPool:
+    """Allocation, sharing and eviction of a `KVCache`'s blocks.
 
-    Storage is row-based: a sequence lives in one cache row of `max_seq_len` positions, and a
-    finished sequence's row keeps its keys/values (prompt *and* generated tokens) until it is
-    evicted. Rows rather than pages because the decode step then reads each sequence's keys/values as
-    one contiguous run (static shapes, CUDA-graph friendly, and the layout attention kernels with a
-    `cache_batch_idx` take directly), and because rows are few (tens), so per-row bookkeeping is cheap.
-    Reusing a prefix costs nothing when its row is idle (the new request takes the row over) and one
-    device copy of the prefix when its row is busy.
-
-    The index is a hash chain over 32-token blocks: each full block of a row is keyed by the hash of
-    all tokens up to its end, so a lookup walks the prompt block by block (O(prompt length)) to the
-    rows sharing the longest block-aligned prefix, then extends the match token by token into the
-    next block: prefixes that end mid-block are reused in full. Candidate rows are verified against
-    their actual tokens, so a hash collision can never hand out the wrong keys/values.
-
-    Eviction is least-recently-used among idle rows; a row in use is never evicted.
+    Every block is in exactly one state: free (holds nothing), referenced (refs > 0; cached or not),
+    or cached and unreferenced (in `evictable`, least recently used first). Not thread-safe: the
+    scheduler's thread owns it.
     """
 
     def __init__(self, cache: KVCache):
         self.cache = cache
-        self.bytes_per_token = cache.nbytes // (cache.n_rows * cache.max_seq_len)
-        self.tokens: list[list[int]] = [[] for _ in range(cache.n_rows)]  # tokens whose K/V each row holds
-        self.hashes: list[list[int]] = [[] for _ in range(cache.n_rows)]  # chain hash of each full block
-        self.index: dict[int, set[int]] = {}  # chain hash -> rows holding that prefix
-        self.in_use = [False] * cache.n_rows
-        self.last_used = [0] * cache.n_rows  # logical clock for LRU
-        self.clock = 0
-        self.hits = self.tokens_reused = self.evictions = 0
+        self.block_size = cache.block_size
+        self.blocks = [_Block() for _ in range(cache.n_blocks)]
+        self.free: list[int] = list(range(cache.n_blocks - 1, -1, -1))  # popped from the end: block 0 first
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # cached, refs == 0; oldest first
+        self.index: dict[int, int] = {}  # chain key -> cached full block
+        self.root_children: set[int] = set()  # cached first blocks (the children of ROOT)
+        self.evictions = 0
+        self.copies = 0  # copy-on-write copies of a partly shared block
 
-    # -- lookup and allocation -------------------------------------------------------------------
-    def longest_prefix(self, tokens: Sequence[int], limit: int) -> tuple[int | None, int]:
-        """(row, length) of the longest cached prefix of `tokens`, at most `limit` tokens long."""
-        candidates: set[int] = set()
-        h = 0
-        for start in range(0, limit - BLOCK_SIZE + 1, BLOCK_SIZE):
-            h = _chain_hash(h, tokens[start : start + BLOCK_SIZE])
-            rows = self.index.get(h)
-            if not rows:
-                break
-            candidates = rows
-        if not candidates:  # no full block shared: a short prefix is not worth a lookup
-            return None, 0
-        best = max(candidates, key=lambda r: (common_prefix_length(self.tokens[r], tokens, limit), not self.in_use[r]))
-        return best, common_prefix_length(self.tokens[best], tokens, limit)
+    # -- counts ------------------------------------------------------------------------------------
+    def available(self) -> int:
+        """Blocks an allocation can get: free ones, then cached ones nobody references."""
+        return len(self.free) + len(self.evictable)
 
-    def acquire(self, tokens: Sequence[int]) -> tuple[int, int] | None:
-        """A row for a sequence starting with `tokens`, holding its longest cached prefix (all but the
-        last token at most, whose logits are needed); returns (row, tokens reused), or None when every
-        row is in use."""
-        source, reused = self.longest_prefix(tokens, len(tokens) - 1)
-        if source is not None and not self.in_use[source]:
-            row = source  # take the idle row over: no copy
+    def counts(self) -> dict[str, int]:
+        """total, used (referenced), shared (referenced more than once), cached (kept, unreferenced), free."""
+        used = sum(1 for b in self.blocks if b.refs)
+        shared = sum(1 for b in self.blocks if b.refs > 1)
+        return dict(total=len(self.blocks), used=used, shared=shared, cached=len(self.evictable), free=len(self.free))
+
+    # -- allocation --------------------------------------------------------------------------------
+    def allocate(self) -> int | None:
+        """A block for one sequence's own use (refs = 1), or None when every block is referenced."""
+        if self.free:
+            block = self.free.pop()
         else:
-            row = self._free_row()
-            if row is None:
+            block = self._evict()
+            if block is None:
                 return None
-            if source is not None:
-                self.cache.copy_row(source, row, reused)
-        self.in_use[row] = True
-        if row != source:  # a copied prefix (or none): the row's old contents are gone
-            self._truncate(row, 0)
-            self.extend(row, tokens[:reused])
-        else:
-            self._truncate(row, reused)
-        if reused:
-            self.hits += 1
-            self.tokens_reused += reused
-        return row, reused
+        self.blocks[block].refs = 1
+        return block
 
-    def _free_row(self) -> int | None:
-        idle = [r for r in range(self.cache.n_rows) if not self.in_use[r]]
-        if not idle:
+    def _evict(self) -> int | None:
+        """The least recently used unreferenced leaf, taken out of the index."""
+        victim = next((b for b in self.evictable if not self.blocks[b].children), None)
+        if victim is None:
             return None
-        empty = [r for r in idle if not self.tokens[r]]
-        if empty:
-            return empty[0]
-        row = min(idle, key=lambda r: self.last_used[r])
+        del self.evictable[victim]
+        self._uncache(victim)
         self.evictions += 1
-        self._truncate(row, 0)
-        return row
+        return victim
 
-    # -- bookkeeping -----------------------------------------------------------------------------
-    def extend(self, row: int, new_tokens: Sequence[int]) -> None:
-        """Record that the row now also holds keys/values for `new_tokens`; index completed blocks."""
-        tokens, hashes = self.tokens[row], self.hashes[row]
-        tokens.extend(new_tokens)
-        h = hashes[-1] if hashes else 0
-        for start in range(len(hashes) * BLOCK_SIZE, len(tokens) - BLOCK_SIZE + 1, BLOCK_SIZE):
-            h = _chain_hash(h, tokens[start : start + BLOCK_SIZE])
-            hashes.append(h)
-            self.index.setdefault(h, set()).add(row)
+    def _uncache(self, block: int) -> None:
+        info = self.blocks[block]
+        if info.key is not None and self.index.get(info.key) == block:
+            del self.index[info.key]
+        self._children_of(info.parent).discard(block)
+        self.blocks[block] = _Block()
 
-    def release(self, row: int) -> None:
-        """The sequence in `row` is finished; its keys/values stay cached until evicted."""
-        self.in_use[row] = False
-        self.clock += 1
-        self.last_used[row] = self.clock
+    def _children_of(self, block: int) -> set[int]:
+        return self.root_children if block == ROOT else self.blocks[block].children
 
-    def _truncate(self, row: int, length: int) -> None:
-        """Forget all but the first `length` tokens of a row (their blocks leave the index)."""
-        hashes = self.hashes[row]
-        keep = length // BLOCK_SIZE
-        for h in hashes[keep:]:
-            self._unindex(h, row)
-        del hashes[keep:]
-        del self.tokens[row][length:]
+    def _ref(self, block: int) -> None:
+        info = self.blocks[block]
+        if info.refs == 0:
+            self.evictable.pop(block, None)
+        info.refs += 1
 
-    def _unindex(self, h: int, row: int) -> None:
-        rows = self.index.get(h)
-        if rows is not None:
-            rows.discard(row)
-            if not rows:
-                del self.index[h]
+    def _unref(self, block: int) -> None:
+        info = self.blocks[block]
+        info.refs -= 1
+        if info.refs:
+            return
+        if info.cached:
+            self.evictable[block] = None  # most recently used
+        else:
+            self.blocks[block] = _Block()
+            self.free.append(block)
+
+    # -- sequences ---------------------------------------------------------------------------------
+    def lookup(self, tokens: Sequence[int], limit: int, after: BlockTable | None = None) -> tuple[list[int], int | None, int]:
+        """The cached blocks holding the longest prefix of `tokens[:limit]` (continuing `after`, a
+        table of indexed blocks, when given): (the full blocks, then a block that shares only its first
+        `partial` tokens or None, partial)."""
+        bs, parent, key, start = self.block_size, ROOT, 0, 0
+        if after is not None and after.blocks:
+            parent, start = after.blocks[-1], len(after)
+            key = self.blocks[parent].key
+        found: list[int] = []
+        while start + bs <= limit:
+            chunk = tuple(tokens[start : start + bs])
+            key = chain_key(key, chunk)
+            block = self.index.get(key)
+            if block is None or self.blocks[block].parent != parent or self.blocks[block].tokens != chunk:
+                break  # absent, or a hash collision: never serve another prefix's keys/values
+            found.append(block)
+            parent, start = block, start + bs
+        rest = tokens[start:limit]
+        best, best_length = None, 0
+        for child in self._children_of(parent) if rest else ():
+            length = common_prefix_length(self.blocks[child].tokens, rest)
+            if length > best_length:
+                best, best_length = child, length
+        return found, best, best_length
+
+    def attach_prefix(self, table: BlockTable, tokens: Sequence[int], limit: int, partial: bool = True) -> int:
+        """Extend `table` (empty, or all of its blocks indexed) with the cached blocks that continue it
+        along `tokens`, at most `limit` tokens in all; a block shared only in part is copied into a
+        block of the table's own (if `partial` and the pool has one). Returns the tokens attached."""
+        if not table.shareable or table.indexed < len(table.blocks):
+            return 0  # its last block is its own: nothing cached can follow it
+        start = len(table)
+        found, partial_block, partial_length = self.lookup(tokens, limit, after=table)
+        for block in found:
+            self._ref(block)
+            table.blocks.append(block)
+            table.tokens.extend(self.blocks[block].tokens)
+        table.indexed = len(table.blocks)
+        if partial and partial_block is not None:
+            self._ref(partial_block)  # so the allocation below cannot evict it
+            copy = self.allocate()
+            if copy is not None:
+                self.cache.copy_block(partial_block, copy)
+                self.copies += 1
+                table.blocks.append(copy)
+                table.tokens.extend(self.blocks[partial_block].tokens[:partial_length])
+            self._unref(partial_block)
+        return len(table) - start
+
+    def copy_from(self, table: BlockTable, source: BlockTable, upto: int) -> int:
+        """Extend a block-aligned `table` with copies of `source`'s blocks up to position `upto`
+        (both tables hold the same tokens there): how a sequence takes over what a running one just
+        computed but has not filled a whole block with yet. Returns the tokens copied."""
+        start = len(table)
+        while len(table) % self.block_size == 0 and len(table) < min(upto, len(source)):
+            block = self.allocate()
+            if block is None:
+                break
+            self.cache.copy_block(source.blocks[len(table) // self.block_size], block)
+            self.copies += 1
+            table.blocks.append(block)
+            table.tokens.extend(source.tokens[len(table) : min(upto, len(source), len(table) + self.block_size)])
+        return len(table) - start
+
+    def reserve(self, table: BlockTable, new_tokens: int) -> bool:
+        """Blocks for `new_tokens` more positions; False (keeping what it got) when the pool is out."""
+        while len(table.blocks) * self.block_size < len(table) + new_tokens:
+            block = self.allocate()
+            if block is None:
+                return False
+            table.blocks.append(block)
+        return True
+
+    def commit(self, table: BlockTable, tokens: Sequence[int]) -> None:
+        """Record that the table's next positions now hold `tokens`' keys/values; every block this
+        fills is indexed (or, when an equal block is already cached, replaced by that one)."""
+        table.tokens.extend(tokens)
+        bs = self.block_size
+        while table.shareable and (table.indexed + 1) * bs <= len(table):
+            i = table.indexed
+            parent = table.blocks[i - 1] if i else ROOT
+            chunk = tuple(table.tokens[i * bs : (i + 1) * bs])
+            key = chain_key(self.blocks[parent].key if i else 0, chunk)
+            existing = self.index.get(key)
+            if existing is None:
+                self._cache(table.blocks[i], parent, chunk, key)
+            elif self.blocks[existing].parent == parent and self.blocks[existing].tokens == chunk:
+                # Another sequence computed the same block first (concurrent equal prompts): share its copy.
+                self._ref(existing)
+                self._unref(table.blocks[i])
+                table.blocks[i] = existing
+            else:  # a hash collision with another prefix: this sequence's blocks stay its own
+                table.shareable = False
+                return
+            table.indexed += 1
+
+    def _cache(self, block: int, parent: int, tokens: tuple[int, ...], key: int | None) -> None:
+        info = self.blocks[block]
+        info.parent, info.tokens, info.key, info.cached = parent, tokens, key, True
+        if key is not None:
+            self.index[key] = block
+        self._children_of(parent).add(block)
+
+    def release(self, table: BlockTable) -> None:
+        """The sequence is done with its blocks. Its partial last block stays cached (unless a cached
+        block already starts with the same tokens); each block goes back to the pool,
+        or stays cached for later sequences while anything references it or until evicted."""
+        bs = self.block_size
+        tail = len(table) - table.indexed * bs
+        if table.shareable and 0 < tail < bs and table.indexed == len(table.blocks) - 1:
+            parent = table.blocks[-2] if len(table.blocks) > 1 else ROOT
+            tokens = tuple(table.tokens[table.indexed * bs :])
+            covered = any(self.blocks[c].tokens[:tail] == tokens for c in self._children_of(parent))
+            if not covered and (parent == ROOT or self.blocks[parent].cached):
+                self._cache(table.blocks[-1], parent, tokens, None)
+        # Last block first: of one sequence's cached blocks, the leaves become the least recently used.
+        for block in reversed(table.blocks):
+            self._unref(block)
+        table.blocks.clear()
+        table.tokens.clear()
+        table.indexed, table.shareable = 0, True
 
     @property
     def bytes_in_use(self) -> int:
-        return sum(len(t) for t in self.tokens) * self.bytes_per_token
+        """Bytes of the blocks holding anything: referenced or cached."""
+        return (len(self.blocks) - len(self.free)) * self.cache.block_bytes

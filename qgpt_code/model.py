@@ -3,8 +3,8 @@
 Weights use Meta's names and layouts (`layers.0.attention.wq.weight`, rotary pairs interleaved), except
 that q/k/v and w1/w3 are fused for speed; `checkpoint_layout` says where each Meta-named tensor goes,
 and the other formats are converted to Meta names first. `forward` takes token ids,
-their positions and an optional preallocated `KVCache`; every row of a batch may sit at its own
-position, which is what continuous batching needs.
+their positions and an optional paged `KVCache` with each row's block table; every row of a batch may
+sit at its own position, which is what continuous batching needs.
 """
 
 from __future__ import annotations
@@ -72,10 +72,9 @@ class Attention(nn.Module):
         mask: torch.Tensor | CausalBias | None,  # (B, 1, T, S) additive (0: may attend, -inf: may not),
         # a causal bias for a prompt chunk, or None: every query sees every key
         cache: KVCache | None,
-        rows: torch.Tensor,  # (B,) cache rows written
-        read_rows: torch.Tensor | slice,  # the same rows, as a slice when contiguous (no copy)
-        positions: torch.Tensor,  # (B, T)
-        kv_len: int,
+        tables: torch.Tensor | None,  # (B, W) each row's cache blocks, in order
+        slots: tuple[torch.Tensor, torch.Tensor] | None,  # (block ids, offsets), (B, T) each: where k, v go
+        kv_len: int,  # keys attended: the first kv_len positions of the blocks laid end to end
     ) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
@@ -83,8 +82,9 @@ class Attention(nn.Module):
         q, k = qk.split((self.n_heads, self.n_kv_heads), dim=2)  # (B, T, H, hd), (B, T, n_kv, hd)
         v = qkv[:, :, self.n_heads + self.n_kv_heads :]  # (B, T, n_kv, hd)
         if cache is not None:
-            cache.write(self.layer_id, rows, positions, k, v)
-            keys, values = cache.read(self.layer_id, read_rows, kv_len)  # (B, n_kv, S, hd)
+            cache.write(self.layer_id, *slots, k, v)
+            keys, values = cache.gather(self.layer_id, tables)  # (B, n_kv, W * bs, hd)
+            keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]  # (B, n_kv, S, hd): views
         else:
             keys, values = k.transpose(1, 2), v.transpose(1, 2)  # (B, n_kv, T, hd)
         if T == 1:
@@ -203,32 +203,28 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,  # (B, T) int64
         positions: torch.Tensor,  # (B, T) int64: each token's position in its sequence
         cache: KVCache | None = None,
-        rows: Sequence[int] | torch.Tensor | None = None,  # each batch row's cache row; None: rows 0..B-1
-        kv_len: int | None = None,  # attend to cache positions [0, kv_len); None: the whole cache
+        tables: torch.Tensor | None = None,  # (B, W) int64: each row's cache blocks (with a cache)
+        kv_len: int | None = None,  # attend to positions [0, kv_len); None: all W * block_size
         last_index: torch.Tensor | None = None,  # (B,) compute logits only at tokens[b, last_index[b]]
         causal_from: int | None = None,  # every row's tokens sit at positions causal_from, causal_from+1, ...
     ) -> torch.Tensor:
         """Logits (B, T, vocab) float32, or (B, 1, vocab) when `last_index` is given.
 
-        `rows` as a device tensor (B,) is for captured CUDA graphs: no host work, the rows' keys are
-        always gathered. `causal_from` (with a cache, and kv_len = causal_from + T) lets attention use
-        the causal kernels (flash attention on a GPU) instead of an explicit mask: a prompt chunk.
+        With a cache, each token's keys/values are written at its position of its row's blocks, and
+        attention reads the blocks back through `tables` (a gather: the reference path; the fused CPU
+        decode step reads them in place). Every tensor argument may be a static buffer of a captured
+        CUDA graph: no host work depends on their values. `causal_from` (kv_len = causal_from + T) lets
+        attention use the causal kernels (flash attention on a GPU) instead of an explicit mask: a
+        prompt chunk.
         """
         B, T = tokens.shape
         rotations = self.rope[positions][:, :, None, :]  # (B, T, 1, hd/2) complex
         if cache is None:
-            kv_len, read_rows, rows = T, slice(None), tokens.new_zeros(0)
+            kv_len, slots = T, None
             key_positions = positions[:, None, :]  # (B, 1, T)
         else:
-            kv_len = kv_len or cache.max_seq_len
-            if isinstance(rows, torch.Tensor):
-                read_rows = rows
-            else:
-                rows = list(range(B)) if rows is None else list(rows)
-                # Consecutive rows are read as a view; any other set is gathered (a copy per layer).
-                contiguous = rows == list(range(rows[0], rows[0] + B))
-                read_rows = slice(rows[0], rows[0] + B) if contiguous else torch.tensor(rows, device=tokens.device)
-                rows = torch.tensor(rows, device=tokens.device)
+            kv_len = kv_len or tables.shape[1] * cache.block_size
+            slots = cache.slots(tables, positions)
             key_positions = torch.arange(kv_len, device=tokens.device)[None, None, :]  # (1, 1, S)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         if cache is not None and causal_from is not None:
@@ -240,7 +236,7 @@ class Transformer(nn.Module):
             hidden = (key_positions > positions[:, :, None]).unsqueeze(1)  # (B, 1, T, S): keys a query may not see
             mask = torch.zeros(hidden.shape, dtype=h.dtype, device=h.device).masked_fill_(hidden, float("-inf"))
         for layer in self.layers:
-            h = layer(h, rotations, mask, cache, rows, read_rows, positions, kv_len)
+            h = layer(h, rotations, mask, cache, tables, slots, kv_len)
         if last_index is not None:
             h = h[torch.arange(B, device=h.device), last_index][:, None, :]  # (B, 1, dim)
         h = self.norm(h)

@@ -27,7 +27,8 @@ _pointer, _int64, _float = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 SIGNATURES = {
     "add_rms_norm": [_pointer, _pointer, _pointer, _pointer, _int64, _int64, _float],
     "swiglu": [_pointer, _pointer, _int64, _int64],
-    "decode_attention": [_pointer] * 8 + [_int64] * 5,
+    # qkv, keys, values, rope, tables, table_width, positions, out, scratch, then the sizes
+    "decode_attention": [_pointer] * 5 + [_int64] + [_pointer] * 3 + [_int64] * 6,
     "int8_matmul": [_pointer] * 4 + [_int64] * 3,
 }
 

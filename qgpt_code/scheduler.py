@@ -2,16 +2,20 @@
 
 Single-threaded and synchronous: `step()` does one round of work and returns the events it produced.
 `generation.generate` drives it directly; `engine.Engine` drives it from its own thread and feeds it
-requests from other threads. Each round:
+requests from other threads. Memory is the `BlockPool`'s blocks, taken one at a time as sequences
+grow. Each round:
 
-1. sequences past their deadline or cancelled are finished (their computed prefix stays cached);
-2. waiting sequences are admitted while there are fewer than `max_batch` running and the prefix
-   store can give them a row (which may already hold part of their prompt);
-3. every running sequence still reading its prompt advances by one chunk of at most `prefill_chunk`
-   tokens (so a long new prompt never stalls the others for its whole prefill), and one whose prompt
-   is done samples its first token;
-4. all sequences with a sampled token not yet fed decode together in one forward pass, each row at
-   its own position, and sample their next token.
+1. sequences past their deadline or cancelled are finished (their computed blocks stay cached);
+2. waiting sequences are admitted while fewer than `max_batch` run and the pool has the blocks their
+   prompt still needs; each starts with the longest cached prefix of its prompt;
+3. every sequence with a sampled token not yet fed decodes it, together in one forward pass, each
+   at its own position (a sequence that needs a new block and finds none preempts the newest
+   running sequence: its blocks go back to the pool, cached, and it waits to be recomputed);
+4. sequences still reading their prompt advance by chunks that share one budget of `prefill_budget`
+   tokens per round (chunked prefill), oldest first, so a burst of new prompts never stalls the
+   running streams for long; one whose prompt is done samples its first token. A sequence whose
+   prompt another running sequence is already computing waits for that one's blocks instead of
+   computing them again (eight editors sending the same file compute it once).
 """
 
 from __future__ import annotations
@@ -24,9 +28,9 @@ from typing import Callable, Sequence as Seq
 
 import torch
 
-from qgpt_code.decode_step import EagerDecode, kv_bucket
+from qgpt_code.decode_step import EagerDecode
 from qgpt_code.generation import SamplingParams, TextState, TokenEvent, fit_prompt
-from qgpt_code.kv_cache import PrefixStore
+from qgpt_code.kv_cache import BlockPool, BlockTable, blocks_for, common_prefix_length
 from qgpt_code.model import Transformer
 from qgpt_code.sampling import sample, token_logprobs
 from qgpt_code.tokenizer import Tokenizer
@@ -44,16 +48,39 @@ class Sequence:
     generator: torch.Generator | None
     deadline: float | None = None  # time.monotonic() by which it must finish
     id: int = field(default_factory=lambda: next(_ids))
-    row: int | None = None
-    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix store
-    computed: int = 0  # tokens of prompt + generated whose keys/values are in the row
+    table: BlockTable = field(default_factory=BlockTable)  # its blocks; len(table): tokens with keys/values
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
     generated: list[int] = field(default_factory=list)
+    leader: "Sequence | None" = None  # a running sequence computing this one's next blocks
+    shared: int = 0  # tokens of this sequence the leader computes
+    preempted: bool = False  # it was preempted once: what it then recomputes or finds cached is not reuse
     abort_reason: str | None = None  # set from outside; acted on at the next step
     finish_reason: str | None = None
 
     @property
+    def computed(self) -> int:
+        return len(self.table)
+
+    @property
+    def target(self) -> int:
+        """Tokens that need keys/values before the next decode step: the prompt, or after a
+        preemption everything but the last sampled token (which the decode step feeds)."""
+        return len(self.prompt) + max(0, len(self.generated) - 1)
+
+    @property
+    def reusable(self) -> int:
+        """Tokens that may come from the cache: all but the prompt's last one, whose logits are needed,
+        or after a preemption all of `target`."""
+        return self.target if self.generated else len(self.prompt) - 1
+
+    @property
     def prefilling(self) -> bool:
-        return self.computed < len(self.prompt)
+        return self.computed < self.target
+
+    def tokens(self, start: int, stop: int) -> list[int]:
+        """Tokens [start, stop) of prompt + generated."""
+        prompt = self.prompt
+        return prompt[start:stop] + self.generated[max(0, start - len(prompt)) : max(0, stop - len(prompt))]
 
 
 class Scheduler:
@@ -61,30 +88,31 @@ class Scheduler:
         self,
         model: Transformer,
         tokenizer: Tokenizer,
-        store: PrefixStore,
+        pool: BlockPool,
         max_batch: int,
-        prefill_chunk: int = 512,
-        decode: Callable[[list[int], list[int], list[int], int], torch.Tensor] | None = None,
+        max_seq_len: int,
+        prefill_budget: int = 512,
+        decode: Callable[[list[int], list[int], list[list[int]]], torch.Tensor] | None = None,
     ):
         self.model = model
-        self.decode = decode or EagerDecode(model, store.cache)  # (tokens, positions, rows, kv_len) -> (B, V)
+        self.decode = decode or EagerDecode(model, pool.cache)  # (tokens, positions, tables) -> (B, V)
         self.tokenizer = tokenizer
-        self.store = store
+        self.pool = pool
         self.max_batch = max_batch
-        self.prefill_chunk = prefill_chunk
+        self.context = min(max_seq_len, model.args.max_seq_len)  # tokens one sequence may hold
+        self.prefill_budget = prefill_budget
         self.device = model.tok_embeddings.weight.device
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # admission order: the last is the newest
         self.tokens_computed = 0  # tokens run through the model (prefill and decode)
-
-    @property
-    def context(self) -> int:
-        """Tokens one sequence may hold: prompt plus completion."""
-        return self.store.cache.max_seq_len
+        self.prompt_tokens = 0  # prompt tokens of admitted requests (the hit rate's denominator)
+        self.tokens_reused = 0  # of those, served from the prefix cache
+        self.prefix_hits = 0  # admitted requests that reused a cached prefix
+        self.preemptions = 0
 
     def add(self, prompt: Seq[int], params: SamplingParams, deadline: float | None = None) -> Sequence:
         """Queue a prompt; raises PromptTooLongError / EmptyPromptError at once if it cannot run."""
-        prompt = fit_prompt(prompt, min(self.context, self.model.args.max_seq_len), params.truncate_prompt)
+        prompt = fit_prompt(prompt, self.context, params.truncate_prompt)
         budget = min(params.max_new_tokens, self.context - len(prompt))
         generator = None
         if params.seed is not None:
@@ -102,14 +130,9 @@ class Scheduler:
         self._finish_aborted(events)
         self._admit()
         decoding = [s for s in self.running if not s.prefilling]
-        for seq in [s for s in self.running if s.prefilling]:
-            logits = self._prefill_chunk(seq)
-            if logits is not None:
-                self._choose(seq, logits, events)
         if decoding:
-            logits = self._decode(decoding)
-            for seq, row_logits in zip(decoding, logits):
-                self._choose(seq, row_logits[None], events)
+            self._decode(decoding, events)
+        self._prefill(events)
         return events
 
     # -- phases ----------------------------------------------------------------------------------
@@ -124,36 +147,131 @@ class Scheduler:
 
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_batch:
-            got = self.store.acquire(self.waiting[0].prompt)
-            if got is None:
-                return  # every row is busy; try again after someone finishes
-            seq = self.waiting.popleft()
-            seq.row, seq.cached_tokens = got
-            seq.computed = seq.cached_tokens
+            seq = self.waiting[0]
+            if self.running and not self._fits(seq):
+                return  # wait until running sequences finish and give blocks back
+            seq.leader, seq.shared = self._leader_for(seq)
+            reused = self.pool.attach_prefix(seq.table, seq.tokens(0, seq.reusable), seq.reusable,
+                                             partial=seq.leader is None)
+            self.waiting.popleft()
             self.running.append(seq)
+            if not seq.preempted:
+                self._count_reuse(seq, reused, first=True)
 
-    def _prefill_chunk(self, seq: Sequence) -> torch.Tensor | None:
-        """Feed the next chunk of the prompt; the last-token logits (1, V) once the prompt is done."""
+    def _fits(self, seq: Sequence) -> bool:
+        """Whether the pool has the blocks the rest of `seq`'s prompt needs beyond its cached prefix,
+        and one more for each running sequence's next token."""
+        found, _, _ = self.pool.lookup(seq.tokens(0, seq.reusable), seq.reusable)
+        taken = sum(1 for b in found if self.pool.blocks[b].refs == 0)  # cached blocks it would stop being evictable
+        needed = blocks_for(seq.target, self.pool.block_size) - len(found) + len(self.running)
+        return self.pool.available() - taken >= needed
+
+    def _leader_for(self, seq: Sequence) -> tuple[Sequence | None, int]:
+        """The running sequence that will compute the most of `seq`'s reusable prefix beyond what it
+        has computed already, and how many tokens of `seq` that is."""
+        best, best_shared = None, 0
+        reusable = seq.tokens(0, seq.reusable)
+        for other in self.running:
+            if not other.prefilling:
+                continue
+            shared = common_prefix_length(other.tokens(0, other.target), reusable)
+            if shared > max(best_shared, other.computed):
+                best, best_shared = other, shared
+        return best, best_shared
+
+    def _count_reuse(self, seq: Sequence, reused: int, first: bool = False) -> None:
+        if first:
+            self.prompt_tokens += len(seq.prompt)
+            if reused:
+                self.prefix_hits += 1
+        elif reused and not seq.cached_tokens:
+            self.prefix_hits += 1
+        seq.cached_tokens += reused
+        self.tokens_reused += reused
+
+    def _prefill(self, events: list[tuple[Sequence, TokenEvent]]) -> None:
+        budget = self.prefill_budget
+        for seq in [s for s in self.running if s.prefilling]:
+            if seq not in self.running:
+                continue  # preempted by an earlier sequence's chunk
+            leader, seq.leader = seq.leader, None
+            if leader is not None and leader not in self.running:
+                leader = None  # it finished or was preempted: its blocks are cached, or gone
+            if leader is not None and leader.computed < seq.shared:
+                seq.leader = leader
+                continue  # its leader is still computing these tokens
+            # Blocks cached since it was admitted (by its leader, or by anyone) are taken, not recomputed,
+            # and so is the leader's last block, not yet full (copied: the leader keeps writing to it).
+            reused = self.pool.attach_prefix(seq.table, seq.tokens(0, seq.reusable), seq.reusable,
+                                             partial=leader is None)
+            if leader is not None:
+                reused += self.pool.copy_from(seq.table, leader.table, seq.shared)
+            if not seq.preempted:
+                self._count_reuse(seq, reused)
+            if budget <= 0 or not seq.prefilling:
+                continue
+            n = min(budget, seq.target - seq.computed)
+            if not self._reserve(seq, n, events):
+                continue
+            budget -= n
+            logits = self._prefill_chunk(seq, n)
+            if logits is not None:
+                self._choose(seq, logits, events)
+
+    def _prefill_chunk(self, seq: Sequence, n: int) -> torch.Tensor | None:
+        """Feed the next n tokens; the last-token logits (1, V) once a prompt read for the first time is done."""
         start = seq.computed
-        chunk = seq.prompt[start : start + self.prefill_chunk]
+        chunk = seq.tokens(start, start + n)
         tokens = torch.tensor([chunk], device=self.device)
-        positions = torch.arange(start, start + len(chunk), device=self.device)[None]
-        logits = self.model(tokens, positions, self.store.cache, rows=[seq.row], kv_len=start + len(chunk),
-                            last_index=torch.tensor([len(chunk) - 1], device=self.device), causal_from=start)
+        positions = torch.arange(start, start + n, device=self.device)[None]
+        tables = torch.tensor([seq.table.blocks], device=self.device)
+        logits = self.model(tokens, positions, self.pool.cache, tables=tables, kv_len=start + n,
+                            last_index=torch.tensor([n - 1], device=self.device), causal_from=start)
         self._computed(seq, chunk)
-        return None if seq.prefilling else logits[:, -1]
+        if seq.prefilling or seq.generated:
+            return None  # more prompt to read, or a recomputed sequence whose next token is known
+        return logits[:, -1]
 
-    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """One token for each sequence, (B, V) logits."""
-        kv_len = kv_bucket(max(s.computed for s in seqs) + 1, self.context)
-        logits = self.decode([s.generated[-1] for s in seqs], [s.computed for s in seqs], [s.row for s in seqs], kv_len)
+    def _decode(self, seqs: list[Sequence], events: list[tuple[Sequence, TokenEvent]]) -> None:
+        """One token for each sequence (those that get a block for it)."""
         for seq in seqs:
+            if seq in self.running:
+                self._reserve(seq, 1, events)
+        seqs = [s for s in seqs if s in self.running]
+        if not seqs:
+            return
+        logits = self.decode([s.generated[-1] for s in seqs], [s.computed for s in seqs],
+                             [s.table.blocks for s in seqs])  # (B, V)
+        for seq, row_logits in zip(seqs, logits):
             self._computed(seq, seq.generated[-1:])
-        return logits
+            self._choose(seq, row_logits[None], events)
+
+    def _reserve(self, seq: Sequence, n: int, events: list[tuple[Sequence, TokenEvent]]) -> bool:
+        """Blocks for n more tokens of `seq`, preempting the newest running sequences while the pool
+        is out; False when `seq` itself had to go."""
+        while not self.pool.reserve(seq.table, n):
+            victim = self.running[-1]
+            if victim is seq and len(self.running) == 1:
+                # Alone and still out of blocks: the pool cannot hold this sequence any longer.
+                events.append((seq, TokenEvent(None, seq.text.finish(), finish_reason="length")))
+                self._retire(seq, "length")
+                return False
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks (they stay cached: its recomputation may find them) and
+        put it first in line; its output so far is kept."""
+        self.running.remove(seq)
+        self.pool.release(seq.table)
+        seq.leader, seq.preempted = None, True
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
 
     def _computed(self, seq: Sequence, tokens: list[int]) -> None:
-        self.store.extend(seq.row, tokens)
-        seq.computed += len(tokens)
+        self.pool.commit(seq.table, tokens)
         self.tokens_computed += len(tokens)
 
     def _choose(self, seq: Sequence, logits: torch.Tensor, events: list[tuple[Sequence, TokenEvent]]) -> None:
@@ -175,7 +293,7 @@ class Scheduler:
             self._retire(seq, event.finish_reason)
 
     def retire_all(self, reason: str) -> None:
-        """End every sequence at once (after a failed step); rows go back to the store."""
+        """End every sequence at once (after a failed step); their blocks go back to the pool."""
         for seq in [*self.running, *self.waiting]:
             self._retire(seq, reason)
 
@@ -183,6 +301,6 @@ class Scheduler:
         seq.finish_reason = reason
         if seq in self.running:
             self.running.remove(seq)
-            self.store.release(seq.row)
+            self.pool.release(seq.table)
         elif seq in self.waiting:
             self.waiting.remove(seq)

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import qgpt_code.decode_step as decode_step
-from qgpt_code.decode_step import EagerDecode, GraphedDecode, kv_bucket, power_of_two_buckets
+from qgpt_code.decode_step import EagerDecode, GraphedDecode, power_of_two_buckets
 from qgpt_code.generation import SamplingParams
-from qgpt_code.kv_cache import KVCache, PrefixStore
+from qgpt_code.kv_cache import BlockPool, KVCache, blocks_for
 from qgpt_code.scheduler import Scheduler
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -32,12 +32,14 @@ def replaying_recorder(step):
     return replay, output
 
 
-def run_greedy(loaded, prompts, decode_factory, max_new_tokens=40, rows=None):
+def run_greedy(loaded, prompts, decode_factory, max_new_tokens=40, blocks=None):
     """Greedy tokens per prompt, all prompts running together through one scheduler."""
     args = loaded.model.args
-    cache = KVCache(args, rows or len(prompts) + 1, args.max_seq_len, loaded.device, loaded.dtype)
+    blocks = blocks or sum(blocks_for(len(p) + max_new_tokens) for p in prompts)
+    cache = KVCache(args, blocks, device=loaded.device, dtype=loaded.dtype)
     decode = decode_factory(loaded.model, cache, len(prompts))
-    scheduler = Scheduler(loaded.model, loaded.tokenizer, PrefixStore(cache), max_batch=len(prompts), decode=decode)
+    scheduler = Scheduler(loaded.model, loaded.tokenizer, BlockPool(cache), max_batch=len(prompts),
+                          max_seq_len=args.max_seq_len, decode=decode)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, ignore_eos=True)
     seqs = [scheduler.add(p, params) for p in prompts]
     while scheduler.has_work():
@@ -61,14 +63,14 @@ def test_buckets():
     assert power_of_two_buckets(1, 6) == [1, 2, 4, 6]
     assert power_of_two_buckets(1, 1) == [1]
     assert power_of_two_buckets(256, 1000) == [256, 512, 1000]
-    assert kv_bucket(1, 4096) == 256 and kv_bucket(257, 4096) == 512 and kv_bucket(4000, 1000) == 1000
 
 
 def test_one_graph_per_batch_and_key_bucket_and_the_cache_left_clean(tiny_loaded, small_kv_buckets):
     args = tiny_loaded.model.args
-    cache = KVCache(args, 4, args.max_seq_len)
-    decode = GraphedDecode(tiny_loaded.model, cache, max_batch=3, capture=replaying_recorder)
-    assert sorted(decode.graphs) == [(b, s) for b in (1, 2, 3) for s in (32, 64, 128, 256)]
+    cache = KVCache(args, 20)
+    decode = GraphedDecode(tiny_loaded.model, cache, max_batch=3, max_seq_len=256, capture=replaying_recorder)
+    # Key buckets in blocks of 16 positions: 32, 64, 128 and 256 positions.
+    assert sorted(decode.graphs) == [(b, w) for b in (1, 2, 3) for w in (2, 4, 8, 16)]
     assert not cache.k.any() and not cache.v.any()  # warm-up writes are wiped before any request
 
 
@@ -78,37 +80,41 @@ def test_graphed_decode_gives_the_eager_tokens(tiny_loaded, small_kv_buckets, le
     prompts = prompts_of(lengths)
     eager, _, _ = run_greedy(tiny_loaded, prompts, lambda m, c, b: EagerDecode(m, c))
     graphed, _, _ = run_greedy(
-        tiny_loaded, prompts, lambda m, c, b: GraphedDecode(m, c, b, capture=replaying_recorder)
+        tiny_loaded, prompts, lambda m, c, b: GraphedDecode(m, c, b, 256, capture=replaying_recorder)
     )
     assert graphed == eager
 
 
-def test_padding_rows_leave_other_cache_rows_untouched(tiny_loaded, small_kv_buckets):
-    """Three sequences in a bucket of four: the padding repeats the third, never writes a fourth row."""
+def test_padding_rows_leave_other_blocks_untouched(tiny_loaded, small_kv_buckets):
+    """Three sequences in a bucket of four: the padding repeats the third, never writes another block."""
     args = tiny_loaded.model.args
-    cache = KVCache(args, 5, args.max_seq_len)
-    decode = GraphedDecode(tiny_loaded.model, cache, max_batch=4, capture=replaying_recorder)
-    cache.k[:, 4].fill_(7.0)  # a row holding someone's cached prefix
+    cache = KVCache(args, 6)
+    decode = GraphedDecode(tiny_loaded.model, cache, max_batch=4, max_seq_len=256, capture=replaying_recorder)
+    cache.k[:, 4].fill_(7.0)  # a block holding someone's cached prefix
+    tables = [[2], [0], [5]]  # any blocks, in any order
     with torch.inference_mode():
-        eager_logits = EagerDecode(tiny_loaded.model, cache)([5, 6, 7], [0, 0, 0], [0, 1, 2], 32).clone()
-        graphed_logits = decode([5, 6, 7], [0, 0, 0], [0, 1, 2], 32)
+        eager_logits = EagerDecode(tiny_loaded.model, cache)([5, 6, 7], [0, 0, 0], tables).clone()
+        graphed_logits = decode([5, 6, 7], [0, 0, 0], tables)
     assert graphed_logits.shape == eager_logits.shape == (3, args.vocab_size)
     torch.testing.assert_close(graphed_logits, eager_logits, rtol=0, atol=1e-5)
-    assert (cache.k[:, 4] == 7.0).all() and not cache.k[:, 3].any()
+    assert (cache.k[:, 4] == 7.0).all() and not cache.k[:, [1, 3]].any()
 
 
 def test_prompt_chunks_through_causal_kernels_equal_the_masked_path(tiny_loaded):
-    """The scheduler prefills with `causal_from` (flash attention on a GPU): same logits as a mask."""
+    """The scheduler prefills with `causal_from` (flash attention on a GPU) through a block table
+    whose blocks are out of order: same logits as the whole sequence without a cache."""
     model, args = tiny_loaded.model, tiny_loaded.model.args
     tokens = torch.tensor(prompts_of([48], seed=3))
-    cache = KVCache(args, 1, args.max_seq_len)
+    cache = KVCache(args, 5)
+    table = torch.tensor([[3, 0, 4]])  # positions 0-15 in block 3, 16-31 in block 0, 32-47 in block 4
     with torch.inference_mode():
         full = model(tokens, torch.arange(48)[None])
-        model(tokens[:, :20], torch.arange(20)[None], cache, rows=[0], kv_len=20, causal_from=0)
-        rest = model(tokens[:, 20:], torch.arange(20, 48)[None], cache, rows=[0], kv_len=48, causal_from=20)
+        model(tokens[:, :20], torch.arange(20)[None], cache, tables=table, kv_len=20, causal_from=0)
+        rest = model(tokens[:, 20:], torch.arange(20, 48)[None], cache, tables=table, kv_len=48, causal_from=20)
         with pytest.raises(ValueError, match="kv_len"):
-            model(tokens[:, 20:], torch.arange(20, 48)[None], cache, rows=[0], kv_len=64, causal_from=20)
+            model(tokens[:, 20:], torch.arange(20, 48)[None], cache, tables=table, kv_len=40, causal_from=20)
     torch.testing.assert_close(rest, full[:, 20:], rtol=0, atol=1e-4)
+    assert not cache.k[:, [1, 2]].any()  # blocks outside the table untouched
 
 
 @cuda
@@ -119,7 +125,7 @@ def test_cuda_graphs_give_the_eager_tokens(tiny_hf, lengths):
     loaded = load_model(tiny_hf[1], device="cuda", dtype="float32")
     prompts = prompts_of([min(n, 200) for n in lengths])
     eager, _, _ = run_greedy(loaded, prompts, lambda m, c, b: EagerDecode(m, c))
-    graphed, _, decode = run_greedy(loaded, prompts, lambda m, c, b: decode_step.make_decode(m, c, b))
+    graphed, _, decode = run_greedy(loaded, prompts, lambda m, c, b: decode_step.make_decode(m, c, b, 256))
     assert isinstance(decode, GraphedDecode)
     assert graphed == eager
 

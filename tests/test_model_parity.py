@@ -65,10 +65,11 @@ def test_incremental_decoding_with_kv_cache_equals_full_forward(checkpoint_pair)
     tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(tokens, positions_for(tokens))
-        cache = KVCache(model.args, n_rows=2, max_seq_len=32)
-        steps = [model(tokens[:, :10], positions_for(tokens[:, :10]), cache)]  # prefill 10
+        cache = KVCache(model.args, n_blocks=4, block_size=16)
+        tables = torch.tensor([[2, 0], [1, 3]])  # each row's 32 positions in two blocks, out of order
+        steps = [model(tokens[:, :10], positions_for(tokens[:, :10]), cache, tables)]  # prefill 10
         for t in range(10, 24):  # then one token at a time
-            steps.append(model(tokens[:, t : t + 1], torch.full((2, 1), t), cache))
+            steps.append(model(tokens[:, t : t + 1], torch.full((2, 1), t), cache, tables))
     assert (torch.cat(steps, dim=1) - full).abs().max().item() <= TOLERANCE
 
 
@@ -79,11 +80,12 @@ def test_batch_rows_at_different_positions(checkpoint_pair):
     seqs = [torch.randint(0, 512, (1, n), generator=torch.Generator().manual_seed(n)) for n in (18, 6)]
     with torch.no_grad():
         alone = [model(s, positions_for(s))[0, -1] for s in seqs]
-        cache = KVCache(model.args, n_rows=2, max_seq_len=32)
-        for row, s in enumerate(seqs):  # prefill each row into its own cache row
-            model(s[:, :-1], positions_for(s[:, :-1]), cache, rows=[row])
+        cache = KVCache(model.args, n_blocks=3, block_size=16)
+        tables = torch.tensor([[2, 0], [1, 1]])  # row 1 needs one block; its padding is never attended
+        for row, s in enumerate(seqs):  # prefill each row into its own blocks
+            model(s[:, :-1], positions_for(s[:, :-1]), cache, tables[row : row + 1])
         last = torch.cat([s[:, -1:] for s in seqs])  # (2, 1)
-        together = model(last, torch.tensor([[17], [5]]), cache)[:, -1]
+        together = model(last, torch.tensor([[17], [5]]), cache, tables)[:, -1]
     for row in range(2):
         assert (together[row] - alone[row]).abs().max().item() <= TOLERANCE
 
