@@ -39,9 +39,11 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests waiting beyond the batch; more are refused as overloaded (default: 64)")
     parser.add_argument("--max-seq-len", type=int,
-                        help="tokens per sequence, prompt + completion (default: the model's context, at most 4096)")
+                        help="tokens one sequence may hold, prompt + completion; reserves no memory "
+                             "(default: the model's context, at most 4096)")
     parser.add_argument("--cache-bytes", type=byte_size,
-                        help="KV-cache budget, e.g. 2G or 512M (default: half the free GPU memory, 2G on the CPU)")
+                        help="KV-cache block pool, e.g. 2G or 512M (default: the GPU memory left after the weights "
+                             "and the largest step's activations, 2G on the CPU)")
 
 
 def byte_size(text: str) -> int:
@@ -86,6 +88,8 @@ def engine_from_args(args: argparse.Namespace, loaded):
     """A serving Engine over `loaded`, sized by the engine options."""
     from qgpt_code.engine import Engine
 
-    return Engine(loaded, max_batch=args.max_batch, max_queue=args.max_queue,
-                  cache_bytes=args.cache_bytes, max_seq_len=args.max_seq_len,
-                  eager=getattr(args, "eager", False))
+    engine = Engine(loaded, max_batch=args.max_batch, max_queue=args.max_queue,
+                    cache_bytes=args.cache_bytes, max_seq_len=args.max_seq_len,
+                    eager=getattr(args, "eager", False))
+    print(f"qgpt: {engine.describe_cache()}", file=sys.stderr, flush=True)
+    return engine

@@ -202,5 +202,9 @@ def test_metrics_count_requests_and_latencies(server, client):
     assert server.metric("qgpt_http_requests_total", route="/v1/completions", status="200") == before + 1
     assert server.metric("qgpt_time_to_first_token_seconds_count") == ttft_before + 1
     assert server.metric("qgpt_time_per_output_token_seconds_count") >= 1
-    assert server.metric("qgpt_kv_cache_bytes_capacity") == server.engine.stats().cache_bytes_capacity
+    stats = server.engine.stats()
+    assert server.metric("qgpt_kv_cache_bytes_capacity") == stats.cache_bytes_capacity
+    assert server.metric("qgpt_kv_blocks_total") == stats.blocks_total > 0
+    assert server.metric("qgpt_kv_blocks_free") + server.metric("qgpt_kv_blocks_cached") == stats.blocks_total  # idle
+    assert 0 <= server.metric("qgpt_prefix_cache_hit_rate") <= 1 and server.metric("qgpt_preemptions_total") == 0
     assert server.metric("qgpt_completion_tokens_total") > 0

@@ -91,11 +91,20 @@ class _EngineCollector:
             ("qgpt_running_sequences", "Sequences in the running batch", stats.running),
             ("qgpt_kv_cache_bytes_in_use", "Key/value bytes held (running and cached prefixes)",
              stats.cache_bytes_in_use),
-            ("qgpt_kv_cache_bytes_capacity", "Bytes of the preallocated KV cache", stats.cache_bytes_capacity),
+            ("qgpt_kv_cache_bytes_capacity", "Bytes of the KV block pool", stats.cache_bytes_capacity),
+            ("qgpt_kv_blocks_total", f"KV blocks in the pool ({stats.block_size} tokens each)", stats.blocks_total),
+            ("qgpt_kv_blocks_used", "KV blocks referenced by running sequences", stats.blocks_used),
+            ("qgpt_kv_blocks_shared", "KV blocks referenced by more than one running sequence", stats.blocks_shared),
+            ("qgpt_kv_blocks_cached", "KV blocks kept for later requests, referenced by none", stats.blocks_cached),
+            ("qgpt_kv_blocks_free", "KV blocks holding nothing", stats.blocks_free),
+            ("qgpt_prefix_cache_hit_rate", "Fraction of admitted prompt tokens served from the prefix cache",
+             stats.prefix_hit_rate),
         ):
             yield GaugeMetricFamily(name, help_text, value=value)
         for name, help_text, value in (
             ("qgpt_prefix_cache_hits", "Admitted requests that reused a cached prefix", stats.prefix_hits),
-            ("qgpt_prefix_cache_evictions", "Cached prefixes evicted for room", stats.evictions),
+            ("qgpt_tokens_computed", "Tokens run through the model (prefill and decode)", stats.tokens_computed),
+            ("qgpt_prefix_cache_evictions", "Cached KV blocks evicted for room", stats.evictions),
+            ("qgpt_preemptions", "Running sequences sent back to wait when the block pool ran out", stats.preemptions),
         ):
             yield CounterMetricFamily(name, help_text, value=value)
