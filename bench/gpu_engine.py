@@ -3,7 +3,11 @@
 Prints, side by side from one run on one card:
 - cold prefill time-to-first-token for 2,048 tokens, and TTFT for the same 2,016-token prefix cached
   plus 32 new tokens (ratio warm/cold);
-- decode tokens/s at batch 1 and batch 8 (EOS ignored, 128 new tokens per stream).
+- decode tokens/s at batch 1 and batch 8 (EOS ignored, 128 new tokens per stream);
+- eight editors, one file (bench/prefix_cpu.py's workload: a 1,500-token file cut at 8 cursors over
+  its last 10%, 32 new tokens each, all at once) against one editor: aggregate tokens/s, tokens
+  computed, peak KV memory held by running sequences;
+- the start-up plan of the KV block pool (how many tokens the default --cache-bytes holds).
 
     python bench/gpu_engine.py [--preset llama-2-7b] [--layers N]
 
@@ -32,6 +36,7 @@ def random_model(args, device, dtype):
         model = Transformer(args).to(dtype)
         for p in model.parameters():
             torch.nn.init.normal_(p, std=0.02)
+        model.init_rope()  # .to(dtype) cast the complex rotary table to a real one: rebuild it
     model.eval().requires_grad_(False)
     info = ModelInfo(path=None, format="random", args=args, name="random")
     return LoadedModel(model, CountingTokenizer(args.vocab_size), info)
@@ -62,6 +67,24 @@ def decode_rate(engine, batch: int, new_tokens: int = 128) -> float:
     return batch * new_tokens / (time.perf_counter() - start)
 
 
+def editors_case(engine, args, generator, editors: int, file_tokens: int = 1500, new_tokens: int = 32) -> str:
+    """The first `editors` of prefix_cpu.py's cursors over a fresh random file (nothing of it cached)."""
+    from prefix_cpu import PeakKV, editor_cursors, run_clients  # bench/, beside this script
+
+    from qgpt_code.generation import SamplingParams
+
+    file = torch.randint(3, args.vocab_size, (file_tokens,), generator=generator).tolist()
+    prompts = [file[:cursor] for cursor in editor_cursors(file_tokens)[:editors]]
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+    before = engine.stats().tokens_computed
+    with PeakKV(engine) as peak:
+        elapsed, _ = run_clients(engine, prompts, params)
+    computed = engine.stats().tokens_computed - before
+    return (f"{editors} editor(s), one file: {editors * new_tokens / elapsed:.1f} tok/s aggregate, "
+            f"{computed} tokens computed for {sum(map(len, prompts))} prompt tokens, "
+            f"peak KV held {peak.held / 2**20:.0f} MiB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="llama-2-7b")
@@ -79,6 +102,7 @@ def main() -> None:
     loaded = random_model(args, torch.device("cuda"), torch.bfloat16)
     print(f"{torch.cuda.get_device_name()}: {opts.preset} shapes, {args.n_params / 1e9:.2f}B params, bf16")
     with Engine(loaded, max_batch=8, max_seq_len=4096) as engine:
+        print(engine.describe_cache())
         g = torch.Generator().manual_seed(0)
         prompt = torch.randint(3, args.vocab_size, (2048,), generator=g).tolist()
         timed_first_token(engine, prompt[:64])  # warm-up (kernels, allocator)
@@ -90,6 +114,8 @@ def main() -> None:
         for batch in (1, 8):
             decode_rate(engine, batch, 8)  # warm-up
             print(f"decode batch {batch}: {decode_rate(engine, batch):.1f} tok/s aggregate")
+        for editors in (1, 8):
+            print(editors_case(engine, args, g, editors))
         print(engine.stats())
 
 
