@@ -38,6 +38,13 @@ class EngineClosed(QGPTError):
     """The engine has been shut down."""
 
 
+class EngineFailed(EngineClosed):
+    """The engine thread stopped after repeated failures; the message says why."""
+
+
+MAX_CONSECUTIVE_FAILURES = 3  # rounds in a row that raise before the engine gives up (a broken device, a bug)
+
+
 @dataclass
 class Request:
     prompt_tokens: Sequence[int]
@@ -77,7 +84,10 @@ class RequestHandle:
             self._cond.notify_all()
             waiters, self._async_waiters = self._async_waiters, []
         for loop, flag in waiters:
-            loop.call_soon_threadsafe(flag.set)
+            try:
+                loop.call_soon_threadsafe(flag.set)
+            except RuntimeError:  # that consumer's event loop is closed: nobody is waiting any more
+                pass
 
     # -- consumer side ---------------------------------------------------------------------------
     @property
@@ -189,6 +199,7 @@ class Engine:
         self._handles: dict[int, RequestHandle] = {}  # sequence id -> handle, engine thread only
         self._submitted = self._finished = 0
         self._closed = False
+        self.failure: str | None = None  # why the engine thread stopped, if it did (then submit raises)
         self._thread = threading.Thread(target=self._run, name="qgpt-engine", daemon=True)
         self._thread.start()
 
@@ -201,6 +212,8 @@ class Engine:
         fit_prompt(request.prompt_tokens, self.max_seq_len, request.params.truncate_prompt)
         handle = RequestHandle(self, request)
         with self._lock:
+            if self.failure is not None:
+                raise EngineFailed(f"the engine stopped: {self.failure}")
             if self._closed:
                 raise EngineClosed("the engine is shut down")
             if self._queued_locked() >= self.max_queue:
@@ -269,39 +282,53 @@ class Engine:
         return max(0, pending - (self.max_batch - len(self.scheduler.running)))
 
     def _run(self) -> None:
+        """Serve rounds until closed. Whatever a round raises fails the requests it concerns and the
+        engine keeps serving; only several failing rounds in a row stop it (`failure` says why)."""
         torch.set_grad_enabled(False)
+        failures = 0
         while True:
-            with self._lock:
-                while not self._incoming and not self.scheduler.has_work() and not self._closed:
-                    self._lock.wait()
-                if self._closed and not self.scheduler.has_work():
-                    return
-                while self._incoming:
-                    self._start(self._incoming.popleft())
             try:
-                events = self.scheduler.step()
+                if not self._serve_round():
+                    return
+                failures = 0
             except Exception as exc:  # a bug or out-of-memory: fail the running requests, keep serving
+                failures += 1
                 self._fail_all(exc)
-                continue
-            with self._lock:  # handles are shared with cancel() and close()
-                for seq, event in events:
-                    handle = self._handles[seq.id]
-                    handle.cached_tokens = seq.cached_tokens
-                    handle._push(event)
-                    if event.finish_reason:
-                        del self._handles[seq.id]
-                        self._finished += 1
+                if failures >= MAX_CONSECUTIVE_FAILURES:
+                    self._stop_failed(f"{type(exc).__name__}: {exc}")
+                    return
+
+    def _serve_round(self) -> bool:
+        """Admit what was submitted, run one scheduler step, deliver its events; False once closed."""
+        with self._lock:
+            while not self._incoming and not self.scheduler.has_work() and not self._closed:
+                self._lock.wait()
+            if self._closed and not self.scheduler.has_work():
+                return False
+            while self._incoming:
+                handle = self._incoming.popleft()
+                try:
+                    self._start(handle)
+                except Exception as exc:  # this request alone cannot run (submit() checked the prompt already)
+                    handle.error = str(exc) if isinstance(exc, QGPTError) else f"{type(exc).__name__}: {exc}"
+                    handle._push(TokenEvent(None, "", finish_reason="error"))
+                    self._finished += 1
+        events = self.scheduler.step()
+        with self._lock:  # handles are shared with cancel() and close()
+            for seq, event in events:
+                handle = self._handles.pop(seq.id) if event.finish_reason else self._handles[seq.id]
+                handle.cached_tokens = seq.cached_tokens
+                if seq.error is not None:
+                    handle.error = seq.error
+                handle._push(event)
+                if event.finish_reason:
+                    self._finished += 1
+        return True
 
     def _start(self, handle: RequestHandle) -> None:
         request = handle.request
         deadline = None if request.timeout is None else handle.submitted_at + request.timeout
-        try:
-            seq = self.scheduler.add(request.prompt_tokens, request.params, deadline)
-        except QGPTError as exc:  # submit() checked the prompt already; this is a safety net
-            handle.error = str(exc)
-            handle._push(TokenEvent(None, "", finish_reason="error"))
-            self._finished += 1
-            return
+        seq = self.scheduler.add(request.prompt_tokens, request.params, deadline)
         handle._sequence = seq
         self._handles[seq.id] = handle
 
@@ -316,4 +343,14 @@ class Engine:
                 self._finished += 1
             self._handles.clear()
 
-
+    def _stop_failed(self, reason: str) -> None:
+        """Give up: every request, queued or not, ends with an error, and later submits raise EngineFailed."""
+        print(f"qgpt: engine stopped after {MAX_CONSECUTIVE_FAILURES} failing rounds in a row: {reason}",
+              file=sys.stderr)
+        with self._lock:
+            self.failure = reason
+            for handle in self._incoming:
+                handle.error = f"the engine stopped: {reason}"
+                handle._push(TokenEvent(None, "", finish_reason="error"))
+                self._finished += 1
+            self._incoming.clear()

@@ -56,6 +56,7 @@ class Sequence:
     preempted: bool = False  # it was preempted once: what it then recomputes or finds cached is not reuse
     abort_reason: str | None = None  # set from outside; acted on at the next step
     finish_reason: str | None = None
+    error: str | None = None  # why it ended with finish_reason "error"
 
     @property
     def computed(self) -> int:
@@ -275,7 +276,16 @@ class Scheduler:
         self.tokens_computed += len(tokens)
 
     def _choose(self, seq: Sequence, logits: torch.Tensor, events: list[tuple[Sequence, TokenEvent]]) -> None:
-        """Sample the next token from (1, V) logits and turn it into an event."""
+        """Sample the next token from (1, V) logits and turn it into an event. Whatever goes wrong here
+        (a token the tokenizer cannot decode, a bad sampling value) ends this sequence alone."""
+        try:
+            self._sample(seq, logits, events)
+        except Exception as exc:
+            seq.error = f"{type(exc).__name__}: {exc}"
+            events.append((seq, TokenEvent(None, "", finish_reason="error")))
+            self._retire(seq, "error")
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor, events: list[tuple[Sequence, TokenEvent]]) -> None:
         p = seq.params
         token = sample(logits, p.temperature, p.top_p, p.top_k, seq.generator)  # (1,)
         logprob = top = None

@@ -102,11 +102,14 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             raise APIError(404, f"model {model!r} is not served here", param="model", code="model_not_found")
         return model_card()
 
-    @app.get("/health", summary="Liveness and load (no API key needed)")
-    async def health() -> dict:
+    @app.get("/health", summary="Liveness and load (no API key needed); 503 once the engine has stopped")
+    async def health() -> Response:
         stats = engine.stats()
-        return {"status": "ok", "model": settings.model_id, "queued": stats.queued, "running": stats.running,
+        body = {"status": "ok", "model": settings.model_id, "queued": stats.queued, "running": stats.running,
                 "max_batch": engine.max_batch, "max_queue": engine.max_queue}
+        if engine.failure is not None:
+            return JSONResponse({**body, "status": "error", "error": engine.failure}, status_code=503)
+        return JSONResponse(body)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:

@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from qgpt_code.engine import EngineClosed, EngineOverloaded
+from qgpt_code.engine import EngineClosed, EngineFailed, EngineOverloaded
 from qgpt_code.errors import EmptyPromptError, PromptTooLongError, QGPTError
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -45,6 +45,8 @@ def from_qgpt_error(exc: QGPTError, prompt_field: str | None = None) -> APIError
     field the prompt came from (prompt, messages, input_prefix), for errors about the prompt."""
     if isinstance(exc, EngineOverloaded):
         return APIError(429, str(exc), code="overloaded", headers={"Retry-After": "1"})
+    if isinstance(exc, EngineFailed):
+        return APIError(503, str(exc), code="engine_failed")
     if isinstance(exc, EngineClosed):
         return APIError(503, str(exc), code="shutting_down")
     if isinstance(exc, PromptTooLongError):
