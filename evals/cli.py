@@ -16,7 +16,8 @@ from typing import Any
 from qgpt_code.cli_common import add_model_options, byte_size
 from qgpt_code.errors import QGPTError
 from qgpt_code.evals.infill_tasks import HUMANEVAL, MULTI_LINE, SINGLE_LINE, TASK_SETS
-from qgpt_code.evals.isolation import MODES, detect
+from qgpt_code.evals.detect import detect, probe
+from qgpt_code.evals.isolation import MODES, Isolation, SandboxError
 from qgpt_code.evals.passk import DEFAULT_KS
 from qgpt_code.evals.sandbox import Limits
 
@@ -97,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="which lines are masked (default: %(default)s)")
     _add_generation_options(infill, max_tokens=64)  # the language server's `max_tokens` default
     _add_scoring_options(infill, defaults)
+
+    commands.add_parser(
+        "sandbox",
+        help="say which sandbox isolation works on this machine, and why the others do not",
+        description="Probe bwrap, unshare and none by scoring one tiny sample through each, and say which "
+        "one `--isolation auto` takes (exit status 1 when it would refuse to run samples).",
+    )
     return parser
 
 
@@ -155,12 +163,31 @@ def _add_generation_options(parser: argparse.ArgumentParser, max_tokens: int) ->
     run.add_argument("--no-score", action="store_true", help="generate only (score later with `qgpt eval score`)")
 
 
-def _score(args: argparse.Namespace) -> int:
-    from qgpt_code.evals.score import score_file  # the run's modules load only when scoring
-
+def _detect(args: argparse.Namespace) -> Isolation:
     isolation = detect(args.isolation)
     for warning in isolation.warnings():
         print(f"qgpt eval: warning: {warning}", file=sys.stderr)
+    return isolation
+
+
+def _sandbox_report() -> int:
+    """`qgpt eval sandbox`: each mode, whether it works here, and auto's choice."""
+    for mode in MODES[1:]:
+        found = probe(mode)
+        print(f"{mode}: {'works' if isinstance(found, Isolation) else found}")
+    try:
+        chosen = detect("auto")
+    except SandboxError as error:
+        print(f"auto: refuses to run samples: {error}")
+        return 1
+    print(f"auto: {chosen.name}")
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from qgpt_code.evals.score import score_file  # the run's modules load only when scoring
+
+    isolation = _detect(args)
     limits = Limits(timeout_s=args.timeout, memory_bytes=args.memory_mb << 20)
     summary = score_file(
         args.samples, args.out,
@@ -178,6 +205,12 @@ def _print_scores(summary: dict[str, Any]) -> None:
     scores = "  ".join(f"{k} = {v * 100:.2f}%" for k, v in summary["pass_at_k"].items())
     print(f"{summary['task_set']}: {scores or 'no pass@k (too few samples per task)'}")
     print(f"{summary['tasks_scored']} of {summary['tasks_total']} tasks, {summary['samples']} samples: {outcomes}")
+    if summary["sandbox_failures"]:
+        print(f"warning: the sandbox did not start for {summary['sandbox_failures']} samples (counted as failed; "
+              "see report.md)")
+    if summary["tests_in_process"]:
+        print(f"note: {len(summary['tests_in_process'])} tasks pass non-plain values to their candidate, so their "
+              "tests ran in the sample's own process (listed in report.md)")
 
 
 def _slug(text: str) -> str:
@@ -225,9 +258,7 @@ def _generate(args: argparse.Namespace) -> int:
     tasks = select_tasks(all_tasks, args.limit, args.every)
     isolation = None
     if not args.no_score:  # a sandbox that cannot run here should fail before the generation, not after
-        isolation = detect(args.isolation)
-        for warning in isolation.warnings():
-            print(f"qgpt eval: warning: {warning}", file=sys.stderr)
+        isolation = _detect(args)
 
     backend = _make_backend(args)
     try:
@@ -283,11 +314,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-        if args.command != "score" and args.server and args.model:
+        if args.command in ("humaneval", "infill") and args.server and args.model:
             parser.error("give --model (in-process) or --server URL, not both")
     except SystemExit as exit:  # --help, or a usage error argparse has printed
         return int(exit.code or 0)
     try:
+        if args.command == "sandbox":
+            return _sandbox_report()
         return _score(args) if args.command == "score" else _generate(args)
     except QGPTError as error:
         print(f"qgpt eval: error: {error}", file=sys.stderr)

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from itertools import combinations_with_replacement
 from pathlib import Path
 
-from qgpt_code.evals.data import EvalDataError, Problem, load_problems
+from qgpt_code.evals.data import EvalDataError, Problem, read_problems
 
 HUMANEVAL = "humaneval"
 SINGLE_LINE = "single-line"
@@ -49,6 +49,7 @@ def _infill_task(problem: Problem, task_set: str, first: int, last: int) -> Prob
         suffix="".join(lines[last + 1 :]),
         test=problem.test,
         entry_point=problem.entry_point,
+        context=problem.tests_context,  # the prompt holds solution lines now: the tests get the problem's own
     )
 
 
@@ -66,10 +67,13 @@ def infill_tasks(problems: Iterable[Problem], task_set: str) -> dict[str, Proble
 
 def load_tasks(task_set: str = HUMANEVAL, problems_path: str | Path | None = None) -> dict[str, Problem]:
     """The tasks of a task set: the problems themselves (humaneval) or the infilling tasks built from them."""
+    return tasks_of(read_problems(problems_path).problems, task_set)
+
+
+def tasks_of(problems: Mapping[str, Problem], task_set: str) -> dict[str, Problem]:
     if task_set not in TASK_SETS:
         raise EvalDataError(f"unknown task set {task_set!r}; expected one of {', '.join(TASK_SETS)}")
-    problems = load_problems(problems_path)
-    return problems if task_set == HUMANEVAL else infill_tasks(problems.values(), task_set)
+    return dict(problems) if task_set == HUMANEVAL else infill_tasks(problems.values(), task_set)
 
 
 def infer_task_set(task_ids: Iterable[str]) -> str:

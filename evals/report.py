@@ -83,6 +83,10 @@ def render_report(summary: Mapping[str, Any], results: Sequence[ResultLike]) -> 
         f"- problems: `{summary['problems_file']}`",
         f"- sandbox: {isolation['mode']}, process limit: {isolation['process_limit']}, "
         f"timeout {isolation['limits']['timeout_s']} s, {summary['settings']['workers']} workers",
+        *(f"- sandbox warning: {warning}" for warning in isolation.get("warnings", [])),
+        "- tests: in an interpreter of their own, the sample's function called with plain values"
+        + (f" ({len(summary['tests_in_process'])} tasks in the sample's own process, see below)"
+           if summary.get("tests_in_process") else ""),
         f"- wall time (scoring): {summary['wall_time_s']:.1f} s",
         "",
     ]
@@ -102,6 +106,18 @@ def render_report(summary: Mapping[str, Any], results: Sequence[ResultLike]) -> 
     if failing:
         rows = [[task, rs[0].outcome, rs[0].detail] for task, rs in failing[:_FAILING_ROWS]]
         lines += _table(["task", "first outcome", "detail"], rows) + _more(len(rows), len(failing))
+
+    in_process = summary.get("tests_in_process") or []
+    if in_process:
+        lines += ["", f"## Tests run in the sample's own process: {len(in_process)}", "",
+                  "Their tests pass the candidate something that is not a plain value, so they could not be split "
+                  "from the sample: a sample of these tasks could fake its pass.", ""]  # fmt: skip
+        lines += [f"- {task}" for task in in_process]
+    if summary.get("sandbox_failures"):
+        broken = [r for r in results if getattr(r, "sandbox_failed", False)]
+        lines += ["", f"## The sandbox did not start: {len(broken)} samples (counted as failed)", ""]
+        lines += _table(["task", "sample", "detail"], [[r.task_id, r.index, r.detail] for r in broken[:_FAILING_ROWS]])
+        lines += _more(min(len(broken), _FAILING_ROWS), len(broken))
 
     slowest = sorted(results, key=lambda r: r.duration_s, reverse=True)[:_SLOWEST_ROWS]
     lines += ["", "## Slowest samples", ""]

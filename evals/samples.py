@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from qgpt_code.evals.data import EvalDataError
+from qgpt_code.evals.data import EvalDataError, json_line
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ class SampleWriter:
         if self._stream is None:
             raise RuntimeError("SampleWriter is used outside its `with` block")
         record = {**extra, "task_id": task_id, "completion": completion, "index": index}
-        self._stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._stream.write(json_line(record))
         self._stream.flush()
 
     def __exit__(self, *exc_info) -> None:

