@@ -11,8 +11,15 @@ import os
 import sys
 from typing import Sequence
 
-from qgpt_code.cli_common import add_model_options, add_sampling_options, load_from_args, sampling_from_args
-from qgpt_code.errors import QGPTError
+from qgpt_code.cli_common import (
+    add_model_options,
+    add_sampling_options,
+    check_model_options,
+    check_sampling_options,
+    load_from_args,
+    sampling_from_args,
+)
+from qgpt_code.errors import PromptTooLongError, QGPTError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,22 +66,35 @@ def _version() -> str:
     return __version__
 
 
+def _check_generation_args(args: argparse.Namespace, text: str, what: str) -> None:
+    """Everything a generating command was given, checked before torch is imported or a model loads."""
+    if not text.strip():
+        raise QGPTError(f"the {what} is empty: give some text")
+    check_model_options(args)
+    check_sampling_options(args)
+
+
 def _print_stream(loaded, prompt_tokens: list[int], params, eager: bool) -> None:
+    """The completion as it is generated, then a newline if it did not end with one (the shell's
+    prompt must not land on its last line; the text itself is otherwise printed as is)."""
     from qgpt_code.generation import stream_text
 
-    text = ""
-    for piece in stream_text(loaded, prompt_tokens, params, eager=eager):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-        text += piece
-    if sys.stdout.isatty() and not text.endswith("\n"):
+    last = ""
+    try:
+        for piece in stream_text(loaded, prompt_tokens, params, eager=eager):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            last = piece
+    except PromptTooLongError as exc:  # the library's advice (--max-seq-len) is for serve and lsp
+        raise QGPTError(f"the prompt is {exc.n_prompt} tokens but at most {exc.limit} fit in the model's context "
+                        f"window of {exc.limit + 1} (one is left for the completion): shorten it") from None
+    if last and not last.endswith("\n"):
         sys.stdout.write("\n")
 
 
 def cmd_complete(args: argparse.Namespace) -> int:
-    if not args.prompt.strip():
-        raise QGPTError("the prompt is empty: give some text to continue")
-    params = sampling_from_args(args)  # bad values fail before the model loads
+    _check_generation_args(args, args.prompt, "prompt")
+    params = sampling_from_args(args)
     loaded = load_from_args(args)
     tokenizer = loaded.tokenizer
     prompt_tokens = tokenizer.encode(args.prompt, bos=getattr(tokenizer, "add_bos", True))
@@ -83,10 +103,9 @@ def cmd_complete(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    _check_generation_args(args, args.message, "message")
     from qgpt_code.prompts import chat_tokens
 
-    if not args.message.strip():
-        raise QGPTError("the message is empty")
     params = sampling_from_args(args)
     loaded = load_from_args(args)
     dialog = ([{"role": "system", "content": args.system}] if args.system else [])

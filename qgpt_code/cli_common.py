@@ -1,12 +1,18 @@
-"""Command-line options shared by every `qgpt` command that runs a model, and what they build.
+"""Command-line options shared by every `qgpt` command that runs a model, their checks, and what they build.
 
-Imports only argparse at module level: `qgpt --help` must not pay for torch.
+Imports only argparse at module level: `qgpt --help` must not pay for torch. The `check_*` functions
+refuse a bad value in the flag's own words before anything heavy is imported or loaded, so a typo
+costs a fraction of a second, not the seconds torch and the weights take.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from pathlib import Path
+
+from qgpt_code.errors import QGPTError
 
 API_KEY_ENV = "QGPT_API_KEY"  # the bearer key of `qgpt serve`, and of clients talking to it
 
@@ -57,6 +63,49 @@ def byte_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (try 2G or 512M)") from None
 
 
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
+def check_model_options(args: argparse.Namespace, model_must_exist: bool = True) -> None:
+    """`--device` names a device QGPT runs on; `--tokenizer` (and `--model`, unless the caller
+    reports a missing model itself) exist. No torch needed."""
+    from qgpt_code.device import check_device_name
+    from qgpt_code.models import resolve_model_path
+
+    if args.device is not None:
+        check_device_name(args.device, "--device")
+    if args.tokenizer and not Path(args.tokenizer).expanduser().is_file():
+        raise QGPTError(f"--tokenizer {args.tokenizer}: no such file")
+    if model_must_exist:
+        resolve_model_path(args.model)
+
+
+def check_sampling_options(args: argparse.Namespace) -> None:
+    if args.max_tokens < 1:
+        raise QGPTError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise QGPTError(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
+    if not 0 < args.top_p <= 1:  # NaN fails this too
+        raise QGPTError(f"--top-p must be more than 0 and at most 1, got {args.top_p}")
+    if args.top_k < 0:
+        raise QGPTError(f"--top-k must be 0 (off) or more, got {args.top_k}")
+    if args.seed is not None and not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
+        raise QGPTError(f"--seed must fit in 64 bits ({SEED_RANGE[0]} to {SEED_RANGE[1]}), got {args.seed}")
+    if any(not stop for stop in args.stop):
+        raise QGPTError("--stop must not be empty")
+
+
+def check_engine_options(args: argparse.Namespace) -> None:
+    if args.max_batch < 1:
+        raise QGPTError(f"--max-batch must be at least 1, got {args.max_batch}")
+    if args.max_queue < 0:
+        raise QGPTError(f"--max-queue must be 0 (no waiting) or more, got {args.max_queue}")
+    if args.max_seq_len is not None and args.max_seq_len < 2:
+        raise QGPTError(f"--max-seq-len must be at least 2 (a prompt token and a new one), got {args.max_seq_len}")
+    if args.cache_bytes is not None and args.cache_bytes <= 0:
+        raise QGPTError(f"--cache-bytes must be more than 0, got {args.cache_bytes}")
+
+
 def load_from_args(args: argparse.Namespace, progress=None):
     """The model the options name, loaded (progress: a callback(done, total); default a counter on
     stderr), then quantized if asked."""
@@ -75,13 +124,12 @@ def load_from_args(args: argparse.Namespace, progress=None):
 
 
 def sampling_from_args(args: argparse.Namespace):
-    """SamplingParams from the sampling options (validated: a bad value is a QGPTError)."""
+    """SamplingParams from the sampling options (checked first: a bad value is a QGPTError naming its flag)."""
     from qgpt_code.generation import SamplingParams
 
+    check_sampling_options(args)
     return SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
-
-
 
 
 def engine_from_args(args: argparse.Namespace, loaded):

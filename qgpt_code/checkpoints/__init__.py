@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from qgpt_code.checkpoints import hf, meta
 from qgpt_code.checkpoints.assemble import LoadedModel, ModelInfo, Progress, build_model, check_tokenizer_fits
@@ -13,6 +12,9 @@ from qgpt_code.device import resolve_device, resolve_dtype
 from qgpt_code.errors import CheckpointError
 from qgpt_code.fresh_thread import run_in_fresh_thread
 from qgpt_code.tokenizer import Tokenizer, find_tokenizer_file, load_tokenizer
+
+if TYPE_CHECKING:  # torch is imported by load_model: reading a header (`qgpt models`) needs none
+    import torch
 
 __all__ = ["LoadedModel", "ModelInfo", "load_model", "detect_format"]
 
@@ -60,6 +62,8 @@ def load_model(
     a thread of its own that exits when it is done (see qgpt_code/fresh_thread.py: an engine thread
     serving the model afterwards then keeps its full CPU speed).
     """
+    import torch
+
     device = resolve_device(device)
     if device.type == "cuda" and device.index is None:  # "cuda" is the caller's current device, not the worker's
         device = torch.device("cuda", torch.cuda.current_device())

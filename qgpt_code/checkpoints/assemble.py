@@ -11,16 +11,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
-
-import torch
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from qgpt_code.config import ModelArgs
 from qgpt_code.errors import CheckpointError
-from qgpt_code.model import Transformer, checkpoint_layout
 from qgpt_code.tokenizer import Tokenizer
 
-NamedTensors = Iterable[tuple[str, torch.Tensor, str | Path]]  # (Meta name, tensor, file(s) it came from)
+if TYPE_CHECKING:  # torch is imported where weights are built: reading a header (`qgpt models`) needs none
+    import torch
+
+    from qgpt_code.model import Transformer
+
+NamedTensors = Iterable[tuple[str, "torch.Tensor", "str | Path"]]  # (Meta name, tensor, file(s) it came from)
 Progress = Callable[[int, int], None]  # (tensors done, tensors in all)
 
 
@@ -75,6 +77,10 @@ def build_model(
 ) -> Transformer:
     """Check each checkpoint tensor and copy it into its place in our parameters on `device`, then
     assign those parameters to a meta-device model (weights allocated once, where they will run)."""
+    import torch
+
+    from qgpt_code.model import Transformer, checkpoint_layout
+
     layout = checkpoint_layout(args)
     param_rows: dict[str, int] = {}  # a fused parameter is as tall as its last slot's end
     for slot in layout.values():
@@ -112,6 +118,8 @@ def allocate_param(name: str, shape: tuple[int, ...], args: ModelArgs, device: t
     time at batch 1 and 0.6x at batch 8 (8 streams in `bench/prefix_cpu.py`: 2.8x -> 3.9x one). GPUs keep the
     usual layout, which cuBLAS handles best. The input embedding is only gathered from (rows), so it
     stays row-major unless it doubles as the output projection."""
+    import torch
+
     projects = len(shape) == 2 and (name != "tok_embeddings.weight" or args.tie_embeddings)
     if torch.device(device).type == "cpu" and projects:
         return torch.empty_strided(shape, (1, shape[0]), device=device, dtype=dtype)

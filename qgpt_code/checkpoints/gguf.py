@@ -20,10 +20,9 @@ import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
-import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType
 from gguf.quants import dequantize
 
@@ -39,6 +38,9 @@ from qgpt_code.checkpoints.assemble import (
 from qgpt_code.config import ModelArgs
 from qgpt_code.errors import CheckpointError
 from qgpt_code.tokenizer import Tokenizer, load_tokenizer
+
+if TYPE_CHECKING:
+    import torch
 
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -360,7 +362,9 @@ def iter_tensors(file: GGUFFile, args: ModelArgs) -> NamedTensors:
     return _iter(file, args)
 
 
-def _iter(file: GGUFFile, args: ModelArgs) -> Iterator[tuple[str, torch.Tensor, Path]]:
+def _iter(file: GGUFFile, args: ModelArgs) -> Iterator[tuple[str, "torch.Tensor", Path]]:
+    import torch
+
     for info in file.tensors.values():
         if IGNORED.match(info.name):
             continue

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Iterator
-
-import torch
+from typing import TYPE_CHECKING, Iterator
 
 from qgpt_code.checkpoints.assemble import NamedTensors, meta_name
 from qgpt_code.config import ModelArgs, read_json
 from qgpt_code.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 

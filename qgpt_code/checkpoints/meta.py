@@ -10,13 +10,14 @@ from __future__ import annotations
 import pickle
 import re
 from pathlib import Path
-from typing import Iterator
-
-import torch
+from typing import TYPE_CHECKING, Iterator
 
 from qgpt_code.checkpoints.assemble import NamedTensors
 from qgpt_code.config import ModelArgs, read_json
 from qgpt_code.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 IGNORED = {"rope.freqs"}  # a precomputed table some Meta checkpoints carry; we compute our own
 
@@ -43,6 +44,8 @@ def shard_files(path: Path) -> list[Path]:
 
 def load_shard(file: Path) -> dict[str, torch.Tensor]:
     """One shard's state dict, memory-mapped; checkpoints are untrusted, so weights_only."""
+    import torch
+
     try:
         return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as exc:
@@ -73,6 +76,8 @@ def iter_tensors(path: Path) -> NamedTensors:
 
 
 def _merge(files: list[Path], shards: list[dict[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor, str | Path]]:
+    import torch
+
     names = list(shards[0])
     merged_source = f"{files[0]} (+{len(files) - 1} more shards, merged)"
     for file, shard in zip(files[1:], shards[1:]):
