@@ -181,6 +181,9 @@ class Engine:
         prefill_budget: int = 512,
         eager: bool = False,
     ):
+        if max_batch < 1 or max_queue < 0 or prefill_budget < 1:
+            raise QGPTError(f"max_batch must be at least 1 (got {max_batch}), max_queue at least 0 (got {max_queue}), "
+                            f"prefill_budget at least 1 (got {prefill_budget})")
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.max_batch = max_batch

@@ -309,8 +309,10 @@ class GGUFByteLevelBPETokenizer(_SpecialTokens):
         self._bytes = [_token_bytes(text, kind) for text, kind in zip(vocab.tokens, vocab.types.tolist())]
 
     def _encode_plain(self, text: str) -> list[int]:
+        # encode_batch, not encode: it releases the GIL while it works, so a huge prompt tokenized on a
+        # server's worker thread does not stall the event loop (tokenizers' encode holds it throughout).
         return encode_around(text, self._user_defined,
-                             lambda fragment: self._engine.encode(fragment, add_special_tokens=False).ids)
+                             lambda fragment: self._engine.encode_batch([fragment], add_special_tokens=False)[0].ids)
 
     def pre_tokens(self, text: str) -> list[str]:
         """The pieces the declared pre-tokenizer cuts `text` into (in the byte alphabet: " a" is "Ġa")."""

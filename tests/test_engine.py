@@ -198,6 +198,9 @@ def test_a_small_pool_starts_and_caps_one_sequence_at_what_it_holds(tiny_loaded)
         assert done.finish_reason in ("length", "stop") and len(done.tokens) <= 19
     with pytest.raises(QGPTError, match="at least 4 are needed"):
         Engine(tiny_loaded, max_batch=2, max_seq_len=256, cache_bytes=budget * 3 // 5)
+    for bad in (dict(max_batch=0), dict(max_queue=-1), dict(prefill_budget=0)):
+        with pytest.raises(QGPTError, match="must be at least"):
+            Engine(tiny_loaded, cache_bytes=budget, **bad)
 
 
 def test_async_iteration_matches_blocking_iteration(tiny_loaded):

@@ -112,11 +112,20 @@ def test_unknown_model_is_404(keyed):
     assert httpx.get(f"{keyed.url}/v1/models/gpt-4", headers={"Authorization": f"Bearer {KEY}"}).status_code == 404
 
 
-def test_prompt_beyond_the_context_is_413(keyed):
+def test_prompt_beyond_the_context_is_400_context_length_exceeded(keyed):
+    """As OpenAI and llama.cpp answer it: the SDK raises BadRequestError; llama.cpp's fields come along."""
     response = post(keyed, "/v1/completions", {"prompt": " x" * 400, "max_tokens": 1})
-    assert response.status_code == 413
+    assert response.status_code == 400
     error = response.json()["error"]
     assert error["code"] == "context_length_exceeded" and error["param"] == "prompt"
+    assert error["type"] == "invalid_request_error" and "exceeds the available context size" in error["message"]
+    assert error["n_ctx"] == 256 and error["n_prompt_tokens"] > 256
+    client = keyed.openai(api_key=KEY)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x " * 400}])
+    assert refused.value.code == "context_length_exceeded" and refused.value.param == "messages"
+    with pytest.raises(openai.BadRequestError):
+        list(client.completions.create(model="tiny", prompt=" x" * 400, stream=True))  # refused before streaming
 
 
 def test_request_body_is_bounded(keyed):
@@ -157,11 +166,78 @@ def test_disconnect_mid_stream_cancels_and_frees_the_slot(narrow):
 
 
 def test_disconnect_while_waiting_for_a_whole_response_cancels_too(narrow):
+    """Recorded as what it is: a cancelled generation and a request nobody was left to answer, not a 503."""
+    route = "/v1/completions"
     cancelled = narrow.metric("qgpt_generations_finished_total", reason="cancelled")
+    unanswered = narrow.metric("qgpt_http_requests_total", route=route, status="no_response")
+    errors = narrow.metric("qgpt_http_requests_total", route=route, status="503")
     with pytest.raises(httpx.TimeoutException):
-        httpx.post(f"{narrow.url}/v1/completions", json={"prompt": "class A:\n", **LONG}, timeout=0.5)
+        httpx.post(f"{narrow.url}{route}", json={"prompt": "class A:\n", **LONG}, timeout=0.5)
     assert wait_until(lambda: narrow.engine.stats().running == 0, timeout=10)
+    assert wait_until(lambda: narrow.metric("qgpt_http_requests_total", route=route, status="no_response")
+                      == unanswered + 1)
     assert narrow.metric("qgpt_generations_finished_total", reason="cancelled") == cancelled + 1
+    assert narrow.metric("qgpt_http_requests_total", route=route, status="503") == errors
+
+
+INFILL = {"input_prefix": "def area(r):\n", "prompt": "    return ", "input_suffix": "\n", "n_predict": 2}
+
+
+@pytest.mark.parametrize("body, param", [
+    ({k: v for k, v in INFILL.items() if k != "input_prefix"}, "input_prefix"),
+    ({k: v for k, v in INFILL.items() if k != "input_suffix"}, "input_suffix"),
+    # llama.cpp's test_infill.py::test_invalid_input_extra_req
+    ({**INFILL, "input_extra": [{}]}, "input_extra.0.text"),
+    ({**INFILL, "input_extra": [{"filename": "ok"}]}, "input_extra.0.text"),
+    ({**INFILL, "input_extra": [{"filename": 123}]}, "input_extra.0"),
+    ({**INFILL, "input_extra": [{"filename": 123, "text": "abc"}]}, "input_extra.0.filename"),
+    ({**INFILL, "input_extra": [{"filename": 123, "text": 456}]}, "input_extra.0"),
+    ({**INFILL, "input_extra": {"filename": "a", "text": "b"}}, "input_extra"),
+])
+def test_infill_is_validated_as_llama_cpp_does(keyed, body, param):
+    response = post(keyed, "/infill", body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"].startswith(param)
+
+
+def test_infill_needs_no_extra_files_and_accepts_empty_ones(keyed):
+    assert post(keyed, "/infill", INFILL).status_code == 200
+    assert post(keyed, "/infill", {**INFILL, "input_prefix": "", "input_suffix": ""}).status_code == 200
+    assert post(keyed, "/infill", {**INFILL, "input_extra": [{"text": "TAU = 6.28\n"}]}).status_code == 200
+
+
+def test_cors_is_off_by_default(keyed):
+    preflight = httpx.options(f"{keyed.url}/v1/completions", headers={
+        "Origin": "https://app.example", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in preflight.headers
+    response = post(keyed, "/v1/completions", {"prompt": "x", "max_tokens": 1})
+    assert "access-control-allow-origin" not in response.headers
+
+
+def test_allowed_origins_get_cors_headers(tiny_loaded):
+    origin = "https://editor.example"
+    server = RunningServer(make_engine(tiny_loaded, max_batch=1, max_seq_len=256),
+                           ServerSettings(model_id="tiny", api_key=KEY, allowed_origins=(origin,)))
+    try:
+        # a browser's preflight carries no key: it is answered before the key is asked for
+        preflight = httpx.options(f"{server.url}/v1/chat/completions", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "Authorization, Content-Type"})
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == origin
+        assert "POST" in preflight.headers["access-control-allow-methods"]
+        assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+        refused = httpx.options(f"{server.url}/v1/chat/completions", headers={
+            "Origin": "https://elsewhere.example", "Access-Control-Request-Method": "POST"})
+        assert refused.status_code == 400 and "access-control-allow-origin" not in refused.headers
+        answered = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x", "max_tokens": 1},
+                              headers={"Origin": origin, "Authorization": f"Bearer {KEY}"})
+        assert answered.status_code == 200 and answered.headers["access-control-allow-origin"] == origin
+        unauthorized = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x"}, headers={"Origin": origin})
+        assert unauthorized.status_code == 401  # readable by the page, so it can say why
+        assert unauthorized.headers["access-control-allow-origin"] == origin
+    finally:
+        server.close()
 
 
 def test_overload_is_429_with_retry_after_and_clears(narrow):

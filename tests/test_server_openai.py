@@ -6,6 +6,8 @@ when asked directly: the endpoint must be a faithful adapter (prompts, sampling 
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 from test_server_support import RunningServer, infill_model, make_engine
@@ -186,6 +188,32 @@ def test_infill_in_llama_cpp_shape_uses_the_editor_prompt(server):
     with httpx.stream("POST", f"{server.url}/infill", json={**body, "stream": True}) as response:
         lines = [line for line in response.iter_lines() if line]
     assert lines[-1].startswith("data: {") and '"stop":true' in lines[-1]  # llama.cpp's streams have no [DONE]
+    chunks = [json.loads(line[len("data: "):]) for line in lines]
+    assert [c["stop"] for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert chunks[-1]["content"] == ""  # as llama.cpp: the text arrives before the final chunk with the totals
+    assert "".join(c["content"] for c in chunks[:-1]) == raw
+
+
+@pytest.mark.parametrize("route", ["completions", "chat"])
+def test_streams_end_with_a_chunk_that_only_finishes(client, route):
+    """OpenAI's order (and llama.cpp's): the last text in an ordinary chunk, then one with no text and
+    the finish_reason, so a client that reads text only from unfinished chunks misses nothing."""
+    if route == "completions":
+        whole = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text
+        chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0,
+                                                stream=True))
+        texts = [c.choices[0].text for c in chunks]
+    else:
+        messages = [{"role": "user", "content": "Write a loop."}]
+        whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12,
+                                               temperature=0).choices[0].message.content
+        chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0,
+                                                     stream=True))[1:]  # after the role chunk
+        texts = [c.choices[0].delta.content for c in chunks]
+    finishes = [c.choices[0].finish_reason for c in chunks]
+    assert finishes[:-1] == [None] * (len(chunks) - 1) and finishes[-1] in ("stop", "length")
+    assert texts[-1] in ("", None)
+    assert "".join(texts[:-1]) == whole and whole
 
 
 def test_models_and_health(server, client):

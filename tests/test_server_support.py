@@ -51,7 +51,8 @@ class RunningServer:
 
         self.engine, self.settings = engine, settings
         self.app = create_app(engine, settings)
-        sock = socket.socket()
+        # IPPROTO_TCP: asyncio disables Nagle only on sockets that say TCP (else each answer waits 40 ms)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
@@ -93,3 +94,63 @@ def wait_until(predicate, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.02)
     return predicate()
+
+
+class ServeProcess:
+    """`qgpt serve` as a user runs it: a subprocess on a free 127.0.0.1 port, until `close()`."""
+
+    def __init__(self, model_dir, *flags: str, timeout: float = 120):
+        import os
+        import subprocess
+        import sys
+
+        import httpx
+
+        with socket.socket() as probe:  # a free port (released again for the server to bind)
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if k != "QGPT_MODEL"}
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "qgpt_code", "serve", "--model", str(model_dir), "--port", str(self.port),
+             "--device", "cpu", "--dtype", "float32", "--log-level", "warning", *flags],
+            stdout=subprocess.DEVNULL, stderr=self.log, env=env)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"qgpt serve did not start:\n{self.stderr()}")
+            time.sleep(0.1)
+
+    def status(self) -> dict[str, int]:
+        """The server process's resident memory (kB) and thread count, from /proc."""
+        fields = {}
+        with open(f"/proc/{self.proc.pid}/status") as status:
+            for line in status:
+                name, _, value = line.partition(":")
+                if name in ("VmRSS", "Threads"):
+                    fields[name] = int(value.split()[0])
+        return fields
+
+    def stderr(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+    def close(self) -> int:
+        """Stop it as Ctrl-C would; its exit status."""
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=60)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode

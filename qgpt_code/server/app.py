@@ -1,15 +1,25 @@
 """`create_app(engine, settings)`: the FastAPI app over a running Engine.
 
 A generating route does four things: check the body (protocol.py bounds it, `_check` refuses what
-the server cannot do), build the prompt(s) (prompting.py), convert to engine requests
+the server cannot do), build the prompt(s) (prompting.py) on a worker thread, convert to engine requests
 (convert.engine_requests) and submit them as one Job, then answer whole or as a stream
 (responses.py shapes, streaming.py transport). The engine never sees HTTP; nothing here touches tensors.
+
+Prompt building runs off the event loop: tokenizing a 1,000,000-character prompt takes a tenth of a
+second to seconds, and on the loop it would stall every other request, `/health` included.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.middleware.cors import CORSMiddleware
 
 from qgpt_code import __version__
 from qgpt_code.engine import Engine
@@ -28,26 +38,46 @@ from qgpt_code.server.protocol import (
 )
 from qgpt_code.server.responses import ChatFormat, CompletionFormat, InfillFormat, TokenTexts
 from qgpt_code.server.settings import ServerSettings
-from qgpt_code.server.streaming import EventStream, run_unless_disconnected, sse_events
+from qgpt_code.server.streaming import EventStream, NoResponse, run_unless_disconnected, sse_events
 
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 503)}
 GENERATED = {**ERRORS, 200: {"description": "the whole response, or server-sent events with `stream: true`",
                              "content": {"text/event-stream": {}}}}
+# Prompts built at once: half the CPUs, so tokenizing huge prompts leaves the event loop and the engine a
+# core; more wait (each holds its text and tokens meanwhile). Everyday prompts take milliseconds.
+PROMPT_THREADS = max(1, (os.cpu_count() or 2) // 2)
 
 
 def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
-    app = FastAPI(title="QGPT Code", version=__version__,
+    prompt_threads = ThreadPoolExecutor(PROMPT_THREADS, thread_name_prefix="qgpt-prompt")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        try:
+            yield
+        finally:
+            prompt_threads.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="QGPT Code", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible completions over a self-hosted Llama-2-family model.")
     app.state.engine, app.state.settings = engine, settings
     metrics = app.state.metrics = Metrics(engine)
     prompts = PromptBuilder(engine.loaded, engine.max_seq_len, settings.infill_budget)
     texts = TokenTexts(engine.tokenizer)
     install_error_handlers(app)
-    # added innermost first: metrics see every response, 401s and 413s included
+    # added innermost first: CORS answers preflights before the key is asked for and adds its headers to
+    # every answer, 401s included; metrics see every response, 401s and 413s included
     app.add_middleware(LimitBody, max_bytes=settings.max_body_bytes)
     if settings.api_key:
         app.add_middleware(RequireApiKey, api_key=settings.api_key)
+    if settings.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["*"], max_age=600)
     app.add_middleware(metrics.middleware)
+
+    async def off_the_loop(build, *args):
+        """`build(*args)` on a prompt thread: tokenizing must not stall the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(prompt_threads, functools.partial(build, *args))
 
     def model_card() -> dict:
         return {"id": settings.model_id, "object": "model", "created": 0, "owned_by": "qgpt"}
@@ -71,25 +101,29 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         job = Job(engine, work, metrics, prompt_field, id_prefix)
         if body.stream:
             return EventStream(sse_events(job, fmt), job)
-        await run_unless_disconnected(job, request)
+        if not await run_unless_disconnected(job, request):
+            return NoResponse()
         return JSONResponse(fmt.whole(job))
 
     @app.post("/v1/completions", responses=GENERATED, summary="Complete a prompt (OpenAI completions)")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check(body, len(body.prompts()))
-        return await respond(request, body, prompts.completion(body), CompletionFormat(settings.model_id, texts, body),
+        prompt_list = await off_the_loop(prompts.completion, body)
+        return await respond(request, body, prompt_list, CompletionFormat(settings.model_id, texts, body),
                              "prompt", "cmpl")
 
     @app.post("/v1/chat/completions", responses=GENERATED, summary="Answer a dialog (OpenAI chat completions)")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check(body)
-        return await respond(request, body, [prompts.chat(body)], ChatFormat(settings.model_id, texts, body),
+        prompt = await off_the_loop(prompts.chat, body)
+        return await respond(request, body, [prompt], ChatFormat(settings.model_id, texts, body),
                              "messages", "chatcmpl")
 
     @app.post("/infill", responses=GENERATED, summary="Fill in at the cursor (llama.cpp's /infill)")
     async def infill(body: InfillRequest, request: Request) -> Response:
         check(body)
-        prompt = prompts.infill_request(body, body.max_new_tokens(settings.sampling.max_new_tokens))
+        prompt = await off_the_loop(prompts.infill_request, body,
+                                    body.max_new_tokens(settings.sampling.max_new_tokens))
         return await respond(request, body, [prompt], InfillFormat(settings.model_id), "input_prefix", "infill")
 
     @app.get("/v1/models", summary="The served model")

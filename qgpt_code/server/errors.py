@@ -24,12 +24,15 @@ class APIError(Exception):
     """An HTTP error response, raised anywhere in a route."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, details: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+        self.details = details or {}  # extra fields of the error object (llama.cpp's n_prompt_tokens, n_ctx)
 
     def body(self) -> dict:
-        return error_body(self.status, self.message, self.param, self.code)
+        body = error_body(self.status, self.message, self.param, self.code)
+        body["error"].update(self.details)
+        return body
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
@@ -49,8 +52,12 @@ def from_qgpt_error(exc: QGPTError, prompt_field: str | None = None) -> APIError
         return APIError(503, str(exc), code="engine_failed")
     if isinstance(exc, EngineClosed):
         return APIError(503, str(exc), code="shutting_down")
-    if isinstance(exc, PromptTooLongError):
-        return APIError(413, str(exc), param=prompt_field, code="context_length_exceeded")
+    if isinstance(exc, PromptTooLongError):  # 400, as OpenAI and llama.cpp answer it (their SDKs rely on it)
+        context = exc.limit + 1
+        message = (f"the prompt ({exc.n_prompt} tokens) exceeds the available context size ({context} tokens, "
+                   "which must also hold at least one new token): shorten the prompt")
+        return APIError(400, message, param=prompt_field, code="context_length_exceeded",
+                        details={"n_prompt_tokens": exc.n_prompt, "n_ctx": context})
     if isinstance(exc, EmptyPromptError):
         return APIError(400, str(exc), param=prompt_field)
     return APIError(400, str(exc))

@@ -38,6 +38,7 @@ class Job:
         self.created = int(time.time())
         self.metrics = metrics
         self.choices: list[Choice] = []
+        self.cancelled = False  # by this side (the client went away, the stream ended early), not by a shutdown
         try:
             for prompt_index, (prompt, requests) in enumerate(work):
                 for request in requests:
@@ -49,6 +50,7 @@ class Job:
 
     def cancel(self) -> None:
         """Stop every generation still running (the client went away, or the response ended early)."""
+        self.cancelled = True
         for choice in self.choices:
             if not choice.handle.done:
                 choice.handle.cancel()
@@ -72,7 +74,8 @@ class Job:
             yield choice, event
 
     async def run(self) -> None:
-        """Read every event to the end; an APIError if the engine failed or shut down meanwhile."""
+        """Read every event to the end; an APIError if the engine failed or shut down meanwhile (a job
+        this side cancelled just ends)."""
         async for _ in self.events():
             pass
         for choice in self.choices:
@@ -83,8 +86,8 @@ class Job:
     def failure(self, choice: Choice) -> APIError | None:
         if choice.finish_reason == "error":
             return APIError(500, f"the engine failed: {choice.handle.error}", code="engine_error")
-        if choice.finish_reason == "cancelled":
-            return APIError(503, "the generation was cancelled: the server is shutting down", code="cancelled")
+        if choice.finish_reason == "cancelled" and not self.cancelled:
+            return APIError(503, "the generation was cancelled: the server is shutting down", code="shutting_down")
         return None
 
     def usage(self) -> dict:

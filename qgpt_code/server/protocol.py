@@ -192,16 +192,19 @@ class ChatCompletionRequest(OpenAIFields):
 
 
 class ExtraFile(Body):
+    """One file of editor context: `text` is required, `filename` optional (both strings), as in llama.cpp."""
+
     filename: str = Field("", max_length=4096)
-    text: Text = ""
+    text: Text
 
 
 class InfillRequest(SamplingFields):
-    """`POST /infill` in llama.cpp's shape. The text before the cursor is `input_prefix + prompt`
-    (llama.vscode sends the cursor's line up to the cursor as `prompt`)."""
+    """`POST /infill` in llama.cpp's shape: `input_prefix` and `input_suffix` are required (they may be
+    empty). The text before the cursor is `input_prefix + prompt` (llama.vscode sends the cursor's line
+    up to the cursor as `prompt`)."""
 
-    input_prefix: Text = ""
-    input_suffix: Text = ""
+    input_prefix: Text
+    input_suffix: Text
     input_extra: Annotated[list[ExtraFile], Field(max_length=MAX_EXTRA_FILES)] = []
     prompt: Text = ""
     n_predict: int | None = Field(None, ge=-1, le=MAX_TOKENS, description="-1: until the context is full")
@@ -218,6 +221,8 @@ class ErrorDetail(BaseModel):
     type: str
     param: str | None = None
     code: str | None = None
+    n_prompt_tokens: int | None = Field(None, description="context_length_exceeded: the prompt's tokens (llama.cpp's field)")
+    n_ctx: int | None = Field(None, description="context_length_exceeded: the context window (llama.cpp's field)")
 
 
 class ErrorResponse(BaseModel):

@@ -3,9 +3,13 @@
 Each route has a format object, made per request, with the same four methods:
   whole(job)                 the JSON body of a non-streaming response
   opening(job)               chunks sent before the first token (chat's role delta, completions' echo)
-  chunk(job, choice, event)  the chunk for one token event, or None when it carries nothing to send
+  chunks(job, choice, event) the chunks for one token event (none when it carries nothing to send)
   closing(job)               chunks after the last token (the usage chunk, when asked for)
 `streaming.sse_events` drives them; `done_marker` says whether the stream ends with `data: [DONE]`.
+
+A choice's stream ends as OpenAI's and llama.cpp's do: its last text arrives in an ordinary chunk, then
+one more chunk carries no text (an empty delta; `""`) and the `finish_reason` (llama.cpp: `"stop": true`
+and the totals). Clients that read text only from chunks without a finish reason see all of it.
 """
 
 from __future__ import annotations
@@ -52,16 +56,22 @@ class CompletionFormat:
         return [self._envelope(job, [{"index": c.index, "text": c.prompt.text, "logprobs": None,
                                       "finish_reason": None}]) for c in job.choices]
 
-    def chunk(self, job: Job, choice: Choice, event: TokenEvent) -> dict | None:
+    def chunks(self, job: Job, choice: Choice, event: TokenEvent) -> list[dict]:
         logprobs = None
         if self.body.logprobs is not None and event.token_id is not None:
             start = self.offsets.get(choice.index, len(choice.prompt.text) if self.body.echo else 0)
             logprobs = self._logprobs([event], start)
             self.offsets[choice.index] = start + len(logprobs["tokens"][0])
-        if not (event.text or event.finish_reason or logprobs):
-            return None
-        return self._envelope(job, [{"index": choice.index, "text": event.text, "logprobs": logprobs,
-                                     "finish_reason": event.finish_reason}])
+        out = []
+        if event.text or logprobs:
+            out.append(self._choice_chunk(job, choice, event.text, logprobs, None))
+        if event.finish_reason:
+            out.append(self._choice_chunk(job, choice, "", None, event.finish_reason))
+        return out
+
+    def _choice_chunk(self, job: Job, choice: Choice, text: str, logprobs: dict | None, finish: str | None) -> dict:
+        return self._envelope(job, [{"index": choice.index, "text": text, "logprobs": logprobs,
+                                     "finish_reason": finish}])
 
     def closing(self, job: Job) -> list[dict]:
         return [self._envelope(job, [], usage=job.usage())] if self.body.include_usage() else []
@@ -112,13 +122,19 @@ class ChatFormat:
             "index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None,
         }]) for c in job.choices]
 
-    def chunk(self, job: Job, choice: Choice, event: TokenEvent) -> dict | None:
+    def chunks(self, job: Job, choice: Choice, event: TokenEvent) -> list[dict]:
         logprobs = self._logprobs([event]) if event.token_id is not None else None
-        if not (event.text or event.finish_reason or logprobs):
-            return None
-        delta = {"content": event.text} if event.text else {}
+        out = []
+        if event.text or logprobs:
+            delta = {"content": event.text} if event.text else {}
+            out.append(self._choice_chunk(job, choice, delta, logprobs, None))
+        if event.finish_reason:
+            out.append(self._choice_chunk(job, choice, {}, None, event.finish_reason))
+        return out
+
+    def _choice_chunk(self, job: Job, choice: Choice, delta: dict, logprobs: dict | None, finish: str | None) -> dict:
         return self._envelope(job, "chat.completion.chunk", [{
-            "index": choice.index, "delta": delta, "logprobs": logprobs, "finish_reason": event.finish_reason,
+            "index": choice.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish,
         }])
 
     def closing(self, job: Job) -> list[dict]:
@@ -161,10 +177,11 @@ class InfillFormat:
     def opening(self, job: Job) -> list[dict]:
         return []
 
-    def chunk(self, job: Job, choice: Choice, event: TokenEvent) -> dict | None:
+    def chunks(self, job: Job, choice: Choice, event: TokenEvent) -> list[dict]:
+        out = [{"content": event.text, "stop": False}] if event.text else []
         if event.finish_reason:
-            return {"content": event.text, **self._summary(job)}
-        return {"content": event.text, "stop": False} if event.text else None
+            out.append({"content": "", **self._summary(job)})
+        return out
 
     def closing(self, job: Job) -> list[dict]:
         return []

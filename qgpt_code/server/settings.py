@@ -24,6 +24,8 @@ class ServerSettings:
     """Seconds a generation may run from submission; past it, it ends with finish_reason "timeout"."""
     infill_budget: int = 2048
     """Most prompt tokens `/infill` spends on editor context (less when the context window is smaller)."""
+    allowed_origins: tuple[str, ...] = ()
+    """Origins whose browser pages may call the API (CORS); `*` for any. None by default."""
 
 
 def default_model_id(path: Path) -> str:

@@ -7,7 +7,7 @@ import json
 from typing import AsyncIterator
 
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from qgpt_code.server.jobs import Job
@@ -32,8 +32,7 @@ async def sse_events(job: Job, fmt) -> AsyncIterator[bytes]:
             yield sse(failure.body())
             failed = True
             break
-        body = fmt.chunk(job, choice, event)
-        if body is not None:
+        for body in fmt.chunks(job, choice, event):
             yield sse(body)
     if not failed:
         for body in fmt.closing(job):
@@ -60,12 +59,16 @@ class EventStream(StreamingResponse):
             self.job.cancel()
 
 
-async def run_unless_disconnected(job: Job, request: Request) -> None:
-    """`job.run()` for a non-streaming response, cancelled if the client disconnects meanwhile."""
+async def run_unless_disconnected(job: Job, request: Request) -> bool:
+    """`job.run()` for a non-streaming response, cancelled if the client disconnects meanwhile;
+    whether the client is still there to be answered."""
+    gone = False
 
     async def watch() -> None:
+        nonlocal gone
         while (await request.receive())["type"] != "http.disconnect":
             pass
+        gone = True
         job.cancel()
 
     watcher = asyncio.create_task(watch())
@@ -73,3 +76,15 @@ async def run_unless_disconnected(job: Job, request: Request) -> None:
         await job.run()
     finally:
         watcher.cancel()
+    return not gone
+
+
+class NoResponse(Response):
+    """What a route returns for a client that has gone: nothing is sent, and the request is counted
+    with the status `no_response` (its generations as `cancelled`), not as an error of the server."""
+
+    def __init__(self) -> None:
+        super().__init__(status_code=499)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        return None
