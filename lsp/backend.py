@@ -143,3 +143,6 @@ class Backend(Protocol):
 
     async def close(self) -> None:
         """Stop generating and free the model or the connection."""
+
+    def stop(self) -> None:
+        """Stop generating at once, without an event loop: the process is about to exit."""

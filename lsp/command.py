@@ -44,19 +44,41 @@ def add_lsp_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run_lsp(args: argparse.Namespace) -> int:
+    from qgpt_code.cli_common import check_engine_options, check_model_options
+
+    # Bad flags end the command at once; a missing model does not: the editor's settings may point the
+    # server at a `qgpt serve` instead, and a model that cannot load is shown in the editor.
+    check_model_options(args, model_must_exist=False)
+    check_engine_options(args)
     protocol_out = _claim_stdout()
     import logging
 
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="qgpt lsp %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_without_tracebacks_for_unreadable_input)
     from qgpt_code.lsp.server import build_server
     from qgpt_code.lsp.settings import Settings
 
     defaults = Settings(server_url=args.server or "", api_key=args.api_key or "")
     server = build_server(defaults, backend_factory(args))
     print("qgpt lsp: listening on stdio", file=sys.stderr, flush=True)
-    server.start_io(sys.stdin.buffer, protocol_out)
-    return 0
+    try:
+        server.start_io(sys.stdin.buffer, protocol_out)  # until `exit`, or stdin closes
+    finally:
+        server.stop()
+    return server.exit_code
+
+
+def _without_tracebacks_for_unreadable_input(record) -> bool:
+    """pygls logs a message body that is not JSON (or not UTF-8) with a traceback; its reason is enough."""
+    import json
+
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, (json.JSONDecodeError, UnicodeDecodeError)):
+        record.msg, record.args = f"{record.getMessage()}: {error}", ()
+        record.exc_info, record.exc_text = None, None
+    return True
 
 
 def backend_factory(args: argparse.Namespace):

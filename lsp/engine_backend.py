@@ -37,6 +37,7 @@ class EngineBackend:
         self.loaded = None
         self.description = "in-process model"
         self.log = GenerationLog()
+        self._made = None  # the engine once built, even if `start` was cancelled meanwhile (for `stop`)
 
     async def start(self, progress: Progress) -> None:
         loop = asyncio.get_running_loop()
@@ -69,7 +70,7 @@ class EngineBackend:
                 report(f"loading {path.name}: {done}/{total} tensors", percent)
 
         loaded = load_from_args(options, progress=on_tensor)
-        engine = engine_from_args(options, loaded)
+        engine = self._made = engine_from_args(options, loaded)
         print(f"qgpt lsp: {path.name} ready on {loaded.device} (context {engine.max_seq_len} tokens)",
               file=sys.stderr, flush=True)
         return engine
@@ -149,3 +150,8 @@ class EngineBackend:
         if self.engine is not None:
             engine, self.engine = self.engine, None
             await asyncio.to_thread(engine.close)
+
+    def stop(self) -> None:
+        """Close the engine (its thread finishes the step it is in, then ends), whatever state it is in."""
+        if self._made is not None:
+            self._made.close()

@@ -153,6 +153,9 @@ class HttpBackend:
             client, self.client = self.client, None
             await client.aclose()
 
+    def stop(self) -> None:
+        """Nothing runs here: the server cancels a generation when its connection closes with the process."""
+
 
 async def _sse(lines: AsyncIterator[str]) -> AsyncIterator[dict]:
     async for line in lines:

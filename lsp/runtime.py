@@ -36,6 +36,7 @@ class Runtime:
         self.error: str | None = None
         self._key: tuple | None = None
         self._task: asyncio.Task | None = None
+        self._starting: Backend | None = None  # made, not yet ready (for `stop`)
         self._failed_at = 0.0
         self._failure_shown = False
         self.failures = 0
@@ -78,7 +79,7 @@ class Runtime:
         self._key = self.key(settings)
         progress = WorkDone(self.server, "QGPT")
         try:
-            backend = self.make_backend(settings)
+            backend = self._starting = self.make_backend(settings)
             await progress.begin(f"starting {backend.description}", 0)
             await backend.start(progress.report)
         except asyncio.CancelledError:
@@ -90,6 +91,7 @@ class Runtime:
             self.failed(f"could not start the backend: {exc}")
             return
         self.backend, self.state, self.error = backend, "ready", None
+        self._starting = None
         self._failure_shown = False
         progress.end("ready")
         self.log(f"QGPT: ready ({backend.description})")
@@ -112,6 +114,16 @@ class Runtime:
             self.server.window_log_message(types.LogMessageParams(type=kind, message=message))
         except Exception:  # no client connected (unit tests)
             logger.debug("could not send window/logMessage", exc_info=True)
+
+    def stop(self) -> None:
+        """Stop every backend now, from outside the event loop, when the connection has ended.
+
+        Without this the engine's thread may still be inside torch when the interpreter finalizes;
+        CPython then ends such a daemon thread with pthread_exit, whose unwinding through torch's
+        C++ frames calls std::terminate ("terminate called without an active exception", SIGABRT)."""
+        for backend in (self.backend, self._starting):
+            if backend is not None:
+                backend.stop()
 
     async def close(self) -> None:
         if self._task is not None and not self._task.done():

@@ -61,6 +61,15 @@ class QGPTServer(LanguageServer):
         keystroke. Request errors are already answered as JSON-RPC errors."""
         logger.error("%s: %s", getattr(source, "__name__", source), error)
 
+    @property
+    def exit_code(self) -> int:
+        """What the process exits with once the connection ends: 0 after `shutdown`, else 1 (LSP's `exit`)."""
+        return self.protocol.exit_code
+
+    def stop(self) -> None:
+        """Stop the backend at once, after the event loop has ended: see `Runtime.stop`."""
+        self.runtime.stop()
+
     def stats(self, recent: int = 20) -> dict:
         """`qgpt.stats`: the backend's state and counters, the requests' outcomes, the settings in force."""
         backend = self.runtime.backend

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import sys
 import time
 from typing import Any
@@ -148,3 +149,18 @@ def whole(text: str) -> types.Range:
     lines = text.split("\n")
     return types.Range(start=types.Position(line=0, character=0),
                        end=types.Position(line=len(lines) - 1, character=len(lines[-1])))
+
+
+# -- raw JSON-RPC framing, for what a typed client cannot send ---------------------------------------------
+
+
+def frame(message: dict | bytes) -> bytes:
+    """A `Content-Length` frame around a message (a dict as JSON, or bytes as they are)."""
+    body = message if isinstance(message, bytes) else json.dumps(message).encode()
+    return b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+def pump(stream, into: bytearray) -> None:
+    """Copy a pipe into a buffer until it closes (run on a thread)."""
+    for chunk in iter(lambda: stream.read1(65536), b""):
+        into += chunk

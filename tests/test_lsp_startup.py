@@ -15,8 +15,10 @@ from lsp_helpers import (
     TINY_ENGINE,
     configure,
     execute,
+    frame,
     inline,
     open_document,
+    pump,
     server_command,
     start_client,
     stats,
@@ -42,16 +44,6 @@ checkpoints.load_model = noisy_load
 from qgpt_code.lsp.command import main
 sys.exit(main(sys.argv[1:]))
 """
-
-
-def frame(message: dict) -> bytes:
-    body = json.dumps(message).encode()
-    return b"Content-Length: %d\r\n\r\n" % len(body) + body
-
-
-def pump(stream, into: bytearray) -> None:
-    for chunk in iter(lambda: stream.read1(65536), b""):
-        into += chunk
 
 
 def parse_frames(data: bytes) -> list[dict]:
