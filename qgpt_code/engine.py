@@ -313,9 +313,7 @@ class Engine:
                 try:
                     self._start(handle)
                 except Exception as exc:  # this request alone cannot run (submit() checked the prompt already)
-                    handle.error = str(exc) if isinstance(exc, QGPTError) else f"{type(exc).__name__}: {exc}"
-                    handle._push(TokenEvent(None, "", finish_reason="error"))
-                    self._finished += 1
+                    self._fail(handle, str(exc) if isinstance(exc, QGPTError) else f"{type(exc).__name__}: {exc}")
         events = self.scheduler.step()
         with self._lock:  # handles are shared with cancel() and close()
             for seq, event in events:
@@ -341,9 +339,7 @@ class Engine:
         with self._lock:
             self.scheduler.retire_all("error")
             for handle in self._handles.values():
-                handle.error = message
-                handle._push(TokenEvent(None, "", finish_reason="error"))
-                self._finished += 1
+                self._fail(handle, message)
             self._handles.clear()
 
     def _stop_failed(self, reason: str) -> None:
@@ -353,7 +349,11 @@ class Engine:
         with self._lock:
             self.failure = reason
             for handle in self._incoming:
-                handle.error = f"the engine stopped: {reason}"
-                handle._push(TokenEvent(None, "", finish_reason="error"))
-                self._finished += 1
+                self._fail(handle, f"the engine stopped: {reason}")
             self._incoming.clear()
+
+    def _fail(self, handle: RequestHandle, message: str) -> None:
+        """End one request with finish_reason "error" and the reason in `handle.error`."""
+        handle.error = message
+        handle._push(TokenEvent(None, "", finish_reason="error"))
+        self._finished += 1
