@@ -9,8 +9,9 @@ shared prefix cache.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from qgpt_code.checkpoints.assemble import LoadedModel
 from qgpt_code.detokenize import IncrementalDecoder, StopStringFilter
@@ -22,7 +23,7 @@ from qgpt_code.tokenizer import Tokenizer
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int = 256
+    max_new_tokens: int = 256  # 0: only compute (and cache) the prompt's keys/values, generate nothing
     temperature: float = 0.6  # 0: greedy
     top_p: float = 0.9
     top_k: int = 0  # 0: no top-k cut
@@ -33,10 +34,18 @@ class SamplingParams:
     top_logprobs: int = 0  # with logprobs: also the n likeliest alternatives at each step
     ignore_eos: bool = False  # keep going past EOS (benchmarks that need a fixed token count)
     truncate_prompt: bool = False  # keep a too-long prompt's last tokens instead of failing
+    # Called with the whole text generated so far whenever a line's indentation becomes known: after a
+    # token whose text holds a line break, and after the one that puts the first non-blank character on
+    # a new line. True ends the generation (finish_reason "stop"); the text so far is emitted. Editors
+    # use it to stop once the block at the cursor is closed (prompts' `CompletionPrompt.stop_when`).
+    stop_when: Callable[[str], bool] | None = field(default=None, compare=False)
+    max_generation_seconds: float | None = None  # from the first token; past it: finish_reason "time_limit"
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise QGPTError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.max_new_tokens < 0:
+            raise QGPTError(f"max_new_tokens must be at least 0, got {self.max_new_tokens}")
+        if self.max_generation_seconds is not None and self.max_generation_seconds <= 0:
+            raise QGPTError(f"max_generation_seconds must be positive, got {self.max_generation_seconds}")
         if self.temperature < 0:
             raise QGPTError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -50,7 +59,9 @@ class TokenEvent:
     token_id: int | None  # None on an event that only ends the sequence (cancelled, timeout, error)
     text: str
     logprob: float | None = None
-    finish_reason: str | None = None  # "stop" (EOS, stop id or string), "length", "cancelled", "timeout", "error"
+    # "stop" (EOS, stop id or string, stop_when), "length", "time_limit" (max_generation_seconds),
+    # "cancelled", "timeout" (the request's deadline), "error"
+    finish_reason: str | None = None
     top_logprobs: list[tuple[int, float]] | None = None  # (token id, logprob), most likely first
 
 
@@ -84,7 +95,8 @@ def fit_prompt(tokens: Sequence[int], context: int, truncate: bool) -> list[int]
 
 
 class TextState:
-    """Per-sequence text assembly and stop conditions: EOS or a stop id, a stop string, the budget."""
+    """Per-sequence text assembly and stop conditions: EOS or a stop id, a stop string, `stop_when`,
+    the budget, the time limit."""
 
     def __init__(self, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams, budget: int):
         self.decoder = IncrementalDecoder(tokenizer, prompt)
@@ -94,19 +106,43 @@ class TextState:
         end_ids = set(getattr(tokenizer, "eog_ids", ())) | {tokenizer.eos_id}
         self.stop_ids = (end_ids - {-1} if not params.ignore_eos else set()) | set(params.stop_ids)
         self.budget = budget  # new tokens this sequence may still produce
+        self.stop_when = params.stop_when
+        self.time_limit = params.max_generation_seconds
+        self.first_token_at: float | None = None  # time.monotonic() of the first generated token
+        self.emitted = ""  # the text handed out so far (what `stop_when` sees)
 
     def accept(self, token: int, logprob: float | None) -> TokenEvent:
         self.budget -= 1
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
         if token in self.stop_ids:
-            tail = self.stops.push(self.decoder.flush())
-            return TokenEvent(token, tail + self.stops.flush(), logprob, "stop")
+            return self._event(token, self.finish(), logprob, "stop")
         text = self.stops.push(self.decoder.push(token))
         if self.stops.stopped:
-            return TokenEvent(token, text, logprob, "stop")
+            return self._event(token, text, logprob, "stop")
+        if self._answer_complete(text):
+            return self._event(token, text + self.finish(), logprob, "stop")
         if self.budget <= 0:
-            tail = self.stops.push(self.decoder.flush())
-            return TokenEvent(token, text + tail + self.stops.flush(), logprob, "length")
-        return TokenEvent(token, text, logprob)
+            return self._event(token, text + self.finish(), logprob, "length")
+        if self.time_limit is not None and time.monotonic() - self.first_token_at > self.time_limit:
+            return self._event(token, text + self.finish(), logprob, "time_limit")
+        return self._event(token, text, logprob, None)
+
+    def _event(self, token: int, text: str, logprob: float | None, finish_reason: str | None) -> TokenEvent:
+        self.emitted += text
+        return TokenEvent(token, text, logprob, finish_reason)
+
+    def _answer_complete(self, text: str) -> bool:
+        """`stop_when` asked at the moments a line's indentation becomes known: `text` holds a line
+        break, or puts the first non-blank character on the line after one."""
+        if self.stop_when is None or not text:
+            return False
+        after = self.emitted + text
+        line_start = after.rfind("\n") + 1
+        settled = "\n" in text or (
+            line_start > 0 and not after[line_start : len(self.emitted)].strip() and bool(after[line_start:].strip())
+        )
+        return settled and self.stop_when(after)
 
     def finish(self) -> str:
         """The text still held back (part of a character, a possible stop string) when the sequence

@@ -278,6 +278,10 @@ class Scheduler:
     def _choose(self, seq: Sequence, logits: torch.Tensor, events: list[tuple[Sequence, TokenEvent]]) -> None:
         """Sample the next token from (1, V) logits and turn it into an event. Whatever goes wrong here
         (a token the tokenizer cannot decode, a bad sampling value) ends this sequence alone."""
+        if seq.text.budget <= 0:  # max_new_tokens 0: the prompt is computed and cached, nothing is generated
+            events.append((seq, TokenEvent(None, "", finish_reason="length")))
+            self._retire(seq, "length")
+            return
         try:
             self._sample(seq, logits, events)
         except Exception as exc:

@@ -124,7 +124,7 @@ def test_sampling_params_are_validated():
     with pytest.raises(QGPTError, match="top_p"):
         SamplingParams(top_p=0)
     with pytest.raises(QGPTError, match="max_new_tokens"):
-        SamplingParams(max_new_tokens=0)
+        SamplingParams(max_new_tokens=-1)
 
 
 def test_vanishing_temperature_is_greedy_not_nan():
