@@ -52,7 +52,9 @@ class EngineBackend:
         self.tokenizer = loaded.tokenizer
         self.add_bos = getattr(self.tokenizer, "add_bos", True)  # as the server's PromptBuilder
         self.end_ids = tuple(sorted(getattr(self.tokenizer, "eog_ids", ())))
-        self.concurrency = 2 * engine.max_batch  # a full batch running and as many waiting
+        # a full batch running and as many waiting; at batch 1 (`--batch 1`, latency as one editor sees it)
+        # nothing waits behind the running request, so each sample's `seconds` is its own
+        self.concurrency = 1 if engine.max_batch == 1 else 2 * engine.max_batch
         self.runtime_quantization = None  # e.g. "int8": applied after loading (`--quantize`)
 
     @classmethod
@@ -106,6 +108,7 @@ class EngineBackend:
             return Generation("", "error", error=str(exc))
         while True:
             try:
+                started = time.monotonic()
                 handle = self.engine.submit(Request(tokens, params))
                 break
             except EngineOverloaded:  # more callers than the queue holds: wait for room
@@ -116,7 +119,7 @@ class EngineBackend:
         if completion.finish_reason in ("error", "cancelled"):
             raise GenerationError(f"the engine stopped: {handle.error or completion.finish_reason}")
         return Generation(completion.text, completion.finish_reason, len(tokens), len(completion.tokens),
-                          postprocess=postprocess)
+                          seconds=time.monotonic() - started, postprocess=postprocess)
 
     def _prompt(self, request: GenerationRequest):
         """(prompt ids, stop ids, post-processing) built as the server builds them."""
@@ -204,6 +207,7 @@ class HTTPBackend:
         return [m for m in reply.get("data") or [] if isinstance(m, dict) and "id" in m]
 
     def _infill(self, body: dict) -> Generation:
+        started = time.monotonic()
         reply = self._post("/infill", body, stream=True)
         if isinstance(reply, Generation):
             return reply
@@ -214,7 +218,8 @@ class HTTPBackend:
                 final = chunk
         reason = final.get("finish_reason") or {"eos": "stop", "word": "stop", "limit": "length"}.get(
             final.get("stop_type"), "stop")
-        return Generation(text, reason, final.get("tokens_evaluated", 0), final.get("tokens_predicted", 0))
+        return Generation(text, reason, final.get("tokens_evaluated", 0), final.get("tokens_predicted", 0),
+                          seconds=time.monotonic() - started)
 
     def _post(self, path: str, body: dict | None, stream: bool = False):
         """The JSON reply (an iterator of chunks when streaming); a `Generation` with `error` when the

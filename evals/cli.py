@@ -15,7 +15,7 @@ from typing import Any
 
 from qgpt_code.cli_common import add_model_options, byte_size
 from qgpt_code.errors import QGPTError
-from qgpt_code.evals.infill_tasks import HUMANEVAL, MULTI_LINE, SINGLE_LINE, TASK_SETS
+from qgpt_code.evals.infill_tasks import HUMANEVAL, INFILL_KINDS, SINGLE_LINE, TASK_SETS
 from qgpt_code.evals.detect import detect, probe
 from qgpt_code.evals.isolation import MODES, Isolation, SandboxError
 from qgpt_code.evals.passk import DEFAULT_KS
@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fill in the masked lines of HumanEval's canonical solutions with prompts built by the "
         "editor's context code and completions trimmed as the language server trims them, then score them.",
     )
-    infill.add_argument("--kind", choices=(SINGLE_LINE, MULTI_LINE), default=SINGLE_LINE,
-                        help="which lines are masked (default: %(default)s)")
+    infill.add_argument("--kind", choices=INFILL_KINDS, default=SINGLE_LINE,
+                        help="which lines are masked: a function's whole body (cursor after its indent, another "
+                        "function below), spans of lines, or one line (default: %(default)s)")
     _add_generation_options(infill, max_tokens=64)  # the language server's `max_tokens` default
     _add_scoring_options(infill, defaults)
 

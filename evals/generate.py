@@ -172,7 +172,8 @@ def generate_samples(
     with SampleWriter(samples_path) as writer, _progress_bar(len(todo), progress) as bar:
         for request, generation in run_concurrently(backend.generate, todo, backend.concurrency):
             completion = completion_of(tasks[request.task_id], request, generation)
-            extra = {"raw": generation.text, "finish_reason": generation.finish_reason}
+            extra = {"raw": generation.text, "finish_reason": generation.finish_reason,
+                     "completion_tokens": generation.completion_tokens, "seconds": round(generation.seconds, 4)}
             if generation.error is not None:
                 extra["error"] = generation.error
                 stats.errors += 1

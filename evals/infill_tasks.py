@@ -9,6 +9,12 @@ human-eval-infilling files hold:
 - multi-line: each contiguous span of lines from non-blank line i to non-blank line j (i <= j, so the
   one-line spans are included, and blank lines inside a span are part of the middle) is masked. Task id
   `MultiLineInfilling/HumanEval/N/L{i}_L{j}`.
+- function-body (ours, issue 18's editor case): the whole body of the problem's function is masked, the
+  cursor sits after the auto-indent of the body's first line (what an editor shows after Enter below a
+  docstring), and the file goes on after the function: two blank lines and another top-level function
+  (`FOLLOWING_CODE`), so a completion that runs on past the body is seen doing so. Task id
+  `FunctionBodyInfilling/HumanEval/N`; the task's `prompt` ends with that indentation and its
+  `canonical_solution` starts after it.
 
 On HumanEval's 164 problems this gives 1,033 single-line and 5,815 multi-line tasks, the counts the FIM paper
 reports. Each task is a `Problem` in human-eval-infilling's format: `prompt` = problem prompt + the solution's
@@ -27,8 +33,14 @@ from qgpt_code.evals.data import EvalDataError, Problem, read_problems
 HUMANEVAL = "humaneval"
 SINGLE_LINE = "single-line"
 MULTI_LINE = "multi-line"
-TASK_SETS = (HUMANEVAL, SINGLE_LINE, MULTI_LINE)
-_ID_PREFIX = {SINGLE_LINE: "SingleLineInfilling", MULTI_LINE: "MultiLineInfilling"}
+FUNCTION_BODY = "function-body"
+TASK_SETS = (HUMANEVAL, SINGLE_LINE, MULTI_LINE, FUNCTION_BODY)
+INFILL_KINDS = (FUNCTION_BODY, MULTI_LINE, SINGLE_LINE)
+_ID_PREFIX = {SINGLE_LINE: "SingleLineInfilling", MULTI_LINE: "MultiLineInfilling",
+              FUNCTION_BODY: "FunctionBodyInfilling"}
+# What follows the function in a function-body task's file: the Neovim case of issue 18. It defines a name
+# and runs nothing, so the tests see only the candidate.
+FOLLOWING_CODE = "\n\ndef main():\n    pass\n"
 
 
 def _spans(problem: Problem, task_set: str) -> Iterator[tuple[int, int]]:
@@ -37,6 +49,20 @@ def _spans(problem: Problem, task_set: str) -> Iterator[tuple[int, int]]:
     if task_set == SINGLE_LINE:
         return ((i, i) for i in non_blank)
     return combinations_with_replacement(non_blank, 2)
+
+
+def _function_body_task(problem: Problem) -> Problem:
+    body = problem.canonical_solution
+    indent = body[: len(body) - len(body.lstrip(" \t"))]
+    return Problem(
+        task_id=f"{_ID_PREFIX[FUNCTION_BODY]}/{problem.task_id}",
+        prompt=problem.prompt + indent,
+        canonical_solution=body[len(indent):],
+        suffix=FOLLOWING_CODE,
+        test=problem.test,
+        entry_point=problem.entry_point,
+        context=problem.tests_context,
+    )
 
 
 def _infill_task(problem: Problem, task_set: str, first: int, last: int) -> Problem:
@@ -54,9 +80,11 @@ def _infill_task(problem: Problem, task_set: str, first: int, last: int) -> Prob
 
 
 def infill_tasks(problems: Iterable[Problem], task_set: str) -> dict[str, Problem]:
-    """The single-line or multi-line infilling tasks of `problems`, by task_id, in a fixed order."""
+    """The single-line, multi-line or function-body infilling tasks of `problems`, by task_id, in a fixed order."""
     if task_set not in _ID_PREFIX:
         raise ValueError(f"unknown infilling task set {task_set!r}; expected one of {sorted(_ID_PREFIX)}")
+    if task_set == FUNCTION_BODY:
+        return {task.task_id: task for task in map(_function_body_task, problems)}
     tasks = (
         _infill_task(problem, task_set, first, last)
         for problem in problems

@@ -70,6 +70,7 @@ class Generation:
     finish_reason: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    seconds: float = 0.0  # from the request's submission to its last token (latency as an editor sees it)
     error: str | None = None  # the request could not run (say the prompt is too long): scored as failed
     postprocess: Callable[[str], str] | None = field(default=None, repr=False)  # infill: the editor's trimming
 
