@@ -29,10 +29,11 @@ from typing import Callable, Sequence as Seq
 import torch
 
 from qgpt_code.decode_step import EagerDecode
+from qgpt_code.errors import QGPTError
 from qgpt_code.generation import SamplingParams, TextState, TokenEvent, fit_prompt
 from qgpt_code.kv_cache import BlockPool, BlockTable, blocks_for, common_prefix_length
 from qgpt_code.model import Transformer
-from qgpt_code.sampling import sample, token_logprobs
+from qgpt_code.sampling import RowSettings, choose, seeded_uniform, unseeded_uniforms
 from qgpt_code.tokenizer import Tokenizer
 
 _ids = itertools.count()
@@ -45,7 +46,6 @@ class Sequence:
     prompt: list[int]
     params: SamplingParams
     text: TextState
-    generator: torch.Generator | None
     deadline: float | None = None  # time.monotonic() by which it must finish
     id: int = field(default_factory=lambda: next(_ids))
     table: BlockTable = field(default_factory=BlockTable)  # its blocks; len(table): tokens with keys/values
@@ -98,6 +98,8 @@ class Scheduler:
         self.model = model
         self.decode = decode or EagerDecode(model, pool.cache)  # (tokens, positions, tables) -> (B, V)
         self.tokenizer = tokenizer
+        # A vocabulary padded beyond the tokenizer (embedding rows it has no pieces for) is cut at sampling.
+        self.vocab_size = min(getattr(tokenizer, "vocab_size", model.args.vocab_size), model.args.vocab_size)
         self.pool = pool
         self.max_batch = max_batch
         self.context = min(max_seq_len, model.args.max_seq_len)  # tokens one sequence may hold
@@ -115,10 +117,9 @@ class Scheduler:
         """Queue a prompt; raises PromptTooLongError / EmptyPromptError at once if it cannot run."""
         prompt = fit_prompt(prompt, self.context, params.truncate_prompt)
         budget = min(params.max_new_tokens, self.context - len(prompt))
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        seq = Sequence(prompt, params, TextState(self.tokenizer, prompt, params, budget), generator, deadline)
+        if params.seed is not None and not -(2**63) <= params.seed < 2**64:
+            raise QGPTError(f"seed {params.seed} is out of range: seeds are 64-bit integers")
+        seq = Sequence(prompt, params, TextState(self.tokenizer, prompt, params, budget), deadline)
         self.waiting.append(seq)
         return seq
 
@@ -192,6 +193,7 @@ class Scheduler:
 
     def _prefill(self, events: list[tuple[Sequence, TokenEvent]]) -> None:
         budget = self.prefill_budget
+        done: list[tuple[Sequence, torch.Tensor]] = []  # prompts read, sampled together at the end
         for seq in [s for s in self.running if s.prefilling]:
             if seq not in self.running:
                 continue  # preempted by an earlier sequence's chunk
@@ -217,7 +219,10 @@ class Scheduler:
             budget -= n
             logits = self._prefill_chunk(seq, n)
             if logits is not None:
-                self._choose(seq, logits, events)
+                done.append((seq, logits))
+        done = [(s, row) for s, row in done if s in self.running]  # one preempted since samples when recomputed
+        if done:
+            self._choose([s for s, _ in done], torch.cat([row for _, row in done]), events)
 
     def _prefill_chunk(self, seq: Sequence, n: int) -> torch.Tensor | None:
         """Feed the next n tokens; the last-token logits (1, V) once a prompt read for the first time is done."""
@@ -243,9 +248,9 @@ class Scheduler:
             return
         logits = self.decode([s.generated[-1] for s in seqs], [s.computed for s in seqs],
                              [s.table.blocks for s in seqs])  # (B, V)
-        for seq, row_logits in zip(seqs, logits):
+        for seq in seqs:
             self._computed(seq, seq.generated[-1:])
-            self._choose(seq, row_logits[None], events)
+        self._choose(seqs, logits, events)
 
     def _reserve(self, seq: Sequence, n: int, events: list[tuple[Sequence, TokenEvent]]) -> bool:
         """Blocks for n more tokens of `seq`, preempting the newest running sequences while the pool
@@ -275,33 +280,57 @@ class Scheduler:
         self.pool.commit(seq.table, tokens)
         self.tokens_computed += len(tokens)
 
-    def _choose(self, seq: Sequence, logits: torch.Tensor, events: list[tuple[Sequence, TokenEvent]]) -> None:
-        """Sample the next token from (1, V) logits and turn it into an event. Whatever goes wrong here
-        (a token the tokenizer cannot decode, a bad sampling value) ends this sequence alone."""
-        if seq.text.budget <= 0:  # max_new_tokens 0: the prompt is computed and cached, nothing is generated
-            events.append((seq, TokenEvent(None, "", finish_reason="length")))
-            self._retire(seq, "length")
+    def _choose(self, seqs: list[Sequence], logits: torch.Tensor, events: list[tuple[Sequence, TokenEvent]]) -> None:
+        """The next token of each sequence from its row of (B, V) logits, all rows sampled together,
+        and the events they make. Whatever goes wrong with one row (logits holding NaN, a token the
+        tokenizer cannot decode, a failing stop check) ends that sequence alone."""
+        rows = [i for i, seq in enumerate(seqs) if seq.text.budget > 0]
+        for seq in seqs:
+            if seq.text.budget <= 0:  # max_new_tokens 0: the prompt is computed and cached, nothing is generated
+                events.append((seq, TokenEvent(None, "", finish_reason="length")))
+                self._retire(seq, "length")
+        if not rows:
             return
+        seqs = [seqs[i] for i in rows]
+        logits = logits[rows] if len(rows) < len(logits) else logits
         try:
-            self._sample(seq, logits, events)
-        except Exception as exc:
-            seq.error = f"{type(exc).__name__}: {exc}"
-            events.append((seq, TokenEvent(None, "", finish_reason="error")))
-            self._retire(seq, "error")
+            choices = self._draw(seqs, logits)
+        except Exception:  # draw row by row: only a row that fails alone fails
+            choices = []
+            for seq, row in zip(seqs, logits):
+                try:
+                    choices += self._draw([seq], row[None])
+                except Exception as exc:
+                    choices.append(exc)
+        for seq, choice in zip(seqs, choices):
+            try:
+                if isinstance(choice, Exception):
+                    raise choice
+                self._sample(seq, choice, events)
+            except Exception as exc:
+                seq.error = f"{type(exc).__name__}: {exc}"
+                events.append((seq, TokenEvent(None, "", finish_reason="error")))
+                self._retire(seq, "error")
 
-    def _sample(self, seq: Sequence, logits: torch.Tensor, events: list[tuple[Sequence, TokenEvent]]) -> None:
+    def _draw(self, seqs: list[Sequence], logits: torch.Tensor) -> list:
+        """(token, logprob, bad, top alternatives) per sequence: one batched choice, one host transfer."""
+        draws = iter(unseeded_uniforms(sum(s.params.seed is None for s in seqs)))
+        settings = [RowSettings(s.params.temperature, s.params.top_p, s.params.top_k,
+                                seeded_uniform(s.params.seed, len(s.generated)) if s.params.seed is not None else next(draws),
+                                s.params.top_logprobs if s.params.logprobs else 0) for s in seqs]
+        logprobs = any(s.params.logprobs for s in seqs)
+        return choose(logits, settings, self.vocab_size, logprobs).fetch()
+
+    def _sample(self, seq: Sequence, choice: tuple[int, float, bool, list[tuple[int, float]]],
+                events: list[tuple[Sequence, TokenEvent]]) -> None:
+        """Take one drawn (token, logprob, bad, alternatives) into the sequence and its event."""
+        token_id, logprob, bad, top = choice
+        if bad:
+            raise ValueError("the model's logits hold NaN or infinity: no token can be chosen")
         p = seq.params
-        token = sample(logits, p.temperature, p.top_p, p.top_k, seq.generator)  # (1,)
-        logprob = top = None
-        if p.logprobs:
-            logprob = token_logprobs(logits, token).item()
-            if p.top_logprobs:
-                values, ids = torch.log_softmax(logits[0], -1).topk(p.top_logprobs)
-                top = list(zip(ids.tolist(), values.tolist()))
-        token_id = token.item()
         seq.generated.append(token_id)
-        event = seq.text.accept(token_id, logprob)
-        event.top_logprobs = top
+        event = seq.text.accept(token_id, logprob if p.logprobs else None)
+        event.top_logprobs = top[: p.top_logprobs] if p.logprobs and p.top_logprobs else None
         events.append((seq, event))
         if event.finish_reason:
             self._retire(seq, event.finish_reason)

@@ -6,31 +6,39 @@ import torch
 from qgpt_code.detokenize import IncrementalDecoder, StopStringFilter
 from qgpt_code.errors import EmptyPromptError, PromptTooLongError, QGPTError
 from qgpt_code.generation import SamplingParams, generate_text, stream_text
-from qgpt_code.sampling import sample, sample_top_p, token_logprobs, top_k_filter
+from qgpt_code.sampling import RowSettings, choose
 
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0)
 
 
+def draws(logits, settings, n=200):
+    """Tokens chosen for one row of logits under each of n evenly spaced draws."""
+    from dataclasses import replace
+
+    rows = [replace(settings, uniform=(i + 0.5) / n) for i in range(n)]
+    return {row[0] for row in choose(logits.expand(n, -1), rows).fetch()}
+
+
 def test_top_p_keeps_tokens_while_the_mass_before_them_is_at_most_p():
-    probs = torch.tensor([[0.5, 0.3, 0.2]])
-    seen = {sample_top_p(probs, 0.5, torch.Generator().manual_seed(s)).item() for s in range(200)}
-    assert seen == {0, 1}  # mass before token 2 is 0.8 > 0.5: cut; before token 1 it is 0.5: kept
-    assert {sample_top_p(probs, 0.1, torch.Generator().manual_seed(s)).item() for s in range(50)} == {0}
+    logits = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    assert draws(logits, RowSettings(1.0, top_p=0.5)) == {0, 1}  # mass before token 2 is 0.8 > 0.5: cut
+    assert draws(logits, RowSettings(1.0, top_p=0.1)) == {0}
+    assert draws(logits, RowSettings(1.0, top_p=1.0)) == {0, 1, 2}
 
 
 def test_top_k_and_temperature_zero():
     logits = torch.tensor([[1.0, 3.0, 2.0, 0.5]])
-    assert torch.isinf(top_k_filter(logits, 2)).tolist() == [[True, False, False, True]]
-    assert top_k_filter(logits, 0) is logits
-    assert sample(logits, temperature=0).item() == 1
-    draws = {sample(logits, 1.0, top_k=1, generator=torch.Generator().manual_seed(s)).item() for s in range(20)}
-    assert draws == {1}
+    assert draws(logits, RowSettings(1.0, top_k=2)) == {1, 2}
+    assert draws(logits, RowSettings(0.0)) == {1}
+    assert draws(logits, RowSettings(1.0, top_k=1)) == {1}
 
 
 def test_logprobs_are_log_softmax_of_raw_logits():
     logits = torch.tensor([[0.0, 1.0, 2.0]])
-    lp = token_logprobs(logits, torch.tensor([2])).item()
+    token, lp, bad, top = choose(logits, [RowSettings(0.0, top_logprobs=2)], logprobs=True).fetch()[0]
+    assert (token, bad) == (2, False)
     assert lp == pytest.approx(2.0 - torch.logsumexp(logits, -1).item())
+    assert [i for i, _ in top] == [2, 1] and top[0][1] == pytest.approx(lp)
 
 
 @pytest.mark.parametrize("pieces, stop, expected", [
@@ -129,5 +137,5 @@ def test_sampling_params_are_validated():
 
 def test_vanishing_temperature_is_greedy_not_nan():
     logits = torch.tensor([[1.0, 3.0, 2.0]], dtype=torch.float16)
-    assert sample(logits, temperature=1e-30).item() == 1
-    assert sample(logits, temperature=1e-3, generator=torch.Generator().manual_seed(0)).item() == 1
+    assert choose(logits, [RowSettings(1e-30)]).fetch()[0][0] == 1
+    assert choose(logits, [RowSettings(1e-3, uniform=0.99)]).fetch()[0][0] == 1
