@@ -8,7 +8,8 @@ Installed as `qgpt_code.prompts`. What lives where:
   positions      LSP positions (UTF-16) to string offsets
   windows        cutting text at line boundaries to a token budget, nearest the cursor first
   context        the editor's completion prompt, laid out so the prefix cache reuses it
-  postprocess    trimming a completion for insertion at the cursor
+  postprocess    trimming a completion for insertion at the cursor, and when to stop generating it
+  blocks         the block enclosing the cursor and where a completion leaves it, per language (a table)
   languages      one-line comment syntax per LSP language id (file path headers)
   edit           chat-edit prompts (instruction + selection + surrounding code)
   edit_reply     the replacement code in a chat model's reply

@@ -14,12 +14,14 @@ keystrokes. docs/prompts.md has the measurements behind these choices.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal, Sequence
 
 from qgpt_code.prompts.infill import EOT, encode_without_leading_space, infill_tokens, supports_infill
 from qgpt_code.prompts.languages import path_header
 from qgpt_code.prompts.positions import split_at
-from qgpt_code.prompts.postprocess import line_before_cursor, postprocess_completion, rest_of_line
+from qgpt_code.prompts.blocks import Cursor, cursor_at, syntax_for
+from qgpt_code.prompts.postprocess import answer_is_complete, line_before_cursor, postprocess_at, rest_of_line
 from qgpt_code.prompts.windows import head_window_end, tail_window_start
 from qgpt_code.tokenizer import Tokenizer
 
@@ -69,15 +71,29 @@ class CompletionPrompt:
     suffix: str  # text after the cursor: in the prompt (infill) or only for trimming (prefix mode)
     stop_ids: tuple[int, ...]  # generation ends at any of these (EOT for infilling, EOS)
     context_paths: tuple[str, ...] = field(default=())  # other files included, in prompt order
+    language_id: str = ""  # the document's LSP language id (post-processing is language-aware)
+    path: str = ""  # the document's path (its extension names the language when language_id is empty)
 
     @property
     def single_line(self) -> bool:
         """The cursor's line goes on after the cursor: complete this line only (stop at a line break)."""
         return bool(rest_of_line(self.suffix).strip())
 
-    def postprocess(self, completion: str) -> str:
-        """The completion as the editor should insert it (see `postprocess_completion`)."""
-        return postprocess_completion(completion, self.prefix, self.suffix)
+    @cached_property
+    def cursor(self) -> Cursor:
+        """The cursor's place in the code: its enclosing block, the closing brackets ahead (blocks.py)."""
+        return cursor_at(self.prefix, self.suffix, syntax_for(self.language_id, self.path))
+
+    def postprocess(self, completion: str, truncated: bool = False) -> str:
+        """The completion as the editor should insert it (see `postprocess_completion`); `truncated`: the
+        generation ran out of tokens (finish reason "length")."""
+        return postprocess_at(completion, self.cursor, self.suffix, truncated=truncated)
+
+    def stop_when(self, text: str) -> bool:
+        """The engine's early stop (`SamplingParams.stop_when`): True once `text`, generated so far, holds a
+        whole multi-line answer (it left the block, or repeats the file after the cursor). One-line
+        completions stop at the line break instead."""
+        return not self.single_line and answer_is_complete(text, self.cursor, self.suffix)
 
 
 def completion_prompt_at(
@@ -184,6 +200,8 @@ class _Layout:
             suffix=suffix_window,
             stop_ids=self._stop_ids(),
             context_paths=paths,
+            language_id=self.language_id,
+            path=path,
         )
 
     def _prefix_start(self, prefix: str, budget: int) -> int:

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qgpt_code.prompts import postprocess_completion
+from qgpt_code.prompts.blocks import cursor_at, syntax_for
 from qgpt_code.prompts.postprocess import (
     cut_at_block_end,
     cut_at_repeated_suffix,
@@ -49,24 +50,26 @@ def test_cut_at_repeated_suffix(completion, line_prefix, suffix, expected):
 
 
 @pytest.mark.parametrize(
-    ("completion", "suffix", "expected"),
+    ("completion", "prefix", "suffix", "language", "expected"),
     [
         # inside a Python function: stop where the model dedents to module level
-        ("\n    b = 2\n\ndef other():\n    pass", "\n    return b\n", "\n    b = 2\n"),
-        # at a block opener, the block is the one the next line belongs to
-        ("\n        a()\n    else:\n        b()", "\n        c()\n", "\n        a()"),
+        ("\n    b = 2\n\ndef other():\n    pass", "def f():\n    a = 1", "\n    return b\n", "python",
+         "\n    b = 2\n"),
+        # at a block opener: the block is the one it opens
+        ("\n        a()\n    else:\n        b()", "def f():\n    if x:", "\n        c()\n", "python",
+         "\n        a()"),
         # inside call arguments: the closing bracket already exists
-        ("\n    c,\n)", "\n    b,\n)\n", "\n    c,"),
-        # the next line is at column 0: not inside a block, so nothing is cut
-        ("\n\ndef g():\n    pass", "\ndef h():\n    pass\n", "\n\ndef g():\n    pass"),
-        # tabs count as indentation too
-        ("\n\tx()\nend", "\n\ty()\n", "\n\tx()"),
+        ("\n    c,\n)", "f(\n    a,", "\n    b,\n)\n", "python", "\n    c,"),
+        # module level, nothing written yet: a definition is the answer, not a new one
+        ("\n\ndef g():\n    pass", "x = 1", "\ndef h():\n    pass\n", "python", "\n\ndef g():\n    pass"),
+        # unknown language: the block is the one the next line after the cursor belongs to; tabs count
+        ("\n\tx()\nend", "begin", "\n\ty()\n", "", "\n\tx()"),
         # the first line (the rest of the cursor's line) is never cut
-        ("foo()\n    bar()", "\n        baz()\n", "foo()"),
+        ("foo()\n    bar()", "        x = ", "\n        baz()\n", "", "foo()"),
     ],
 )
-def test_cut_at_block_end(completion, suffix, expected):
-    assert cut_at_block_end(completion, suffix) == expected
+def test_cut_at_block_end(completion, prefix, suffix, language, expected):
+    assert cut_at_block_end(completion, cursor_at(prefix, suffix, syntax_for(language))) == expected
 
 
 @pytest.mark.parametrize(
@@ -119,8 +122,9 @@ lines = st.lists(st.sampled_from(["", "x = 1", "    y()", "}", "  ", "\treturn z
 @settings(max_examples=200, deadline=None)
 @given(lines.map("\n".join), st.sampled_from(["", "    ", "def g():", "x = ("]), lines.map("\n".join))
 def test_postprocessing_only_ever_shortens(completion, prefix, suffix):
-    result = postprocess_completion(completion, prefix, suffix)
-    assert len(result) <= len(completion)
-    assert result == result.rstrip() and "\n" not in result.split("\n")[0]
-    first = completion.split("\n")[0].rstrip()
-    assert result.startswith(first[: len(result)]) or not result
+    for language in ("python", "c", ""):
+        result = postprocess_completion(completion, prefix, suffix, language_id=language)
+        assert len(result) <= len(completion) and result == result.rstrip()
+        lines = result.split("\n")
+        written = [line.rstrip() for line in completion.split("\n")]
+        assert lines[0].strip() in completion and all(line in written for line in lines[1:])
