@@ -77,7 +77,12 @@ def _check_generation_args(args: argparse.Namespace, text: str, what: str) -> No
 def _print_stream(loaded, prompt_tokens: list[int], params, eager: bool) -> None:
     """The completion as it is generated, then a newline if it did not end with one (the shell's
     prompt must not land on its last line; the text itself is otherwise printed as is)."""
-    from qgpt_code.generation import stream_text
+    from qgpt_code.distributed.launch import world_size
+
+    if world_size() > 1:  # tensor parallel: the decode step is built on every rank together
+        from qgpt_code.distributed.runner import stream_text
+    else:
+        from qgpt_code.generation import stream_text
 
     last = ""
     try:
@@ -130,6 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return eval_main(argv[1:])
         args = build_parser().parse_args(argv)
+        from qgpt_code.distributed.launch import follower_main, is_follower
+
+        if is_follower():  # under torchrun: ranks other than 0 only compute (docs/scale.md)
+            return follower_main(args)
         return args.run(args)
     except QGPTError as exc:
         print(f"qgpt: error: {exc}", file=sys.stderr)

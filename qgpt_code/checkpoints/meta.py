@@ -53,11 +53,12 @@ def load_shard(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file}: cannot read checkpoint shard ({reason[:200]})") from None
 
 
-def read_args(path: Path) -> ModelArgs:
-    """Architecture from params.json; a vocab_size of -1 (Llama 2's files) is read off the embedding."""
+def read_args(path: Path, shard: Path | None = None) -> ModelArgs:
+    """Architecture from params.json; a vocab_size of -1 (Llama 2's files) is read off the embedding of
+    `shard` (default: the first shard; a tensor-parallel rank names its own, to open no other file)."""
     params = read_json(path / "params.json")
     if params.get("vocab_size", -1) <= 0:
-        first_file = shard_files(path)[0]
+        first_file = shard or shard_files(path)[0]
         embedding = load_shard(first_file).get("tok_embeddings.weight")
         if embedding is None:
             raise CheckpointError(f"{first_file}: no tok_embeddings.weight to size the vocabulary")

@@ -1,0 +1,113 @@
+"""Tensor parallelism on the CPU: gloo, 2 real processes spawned here, against the same model on one.
+
+Rank 0 leads (LeaderModel, the engine, the scheduler) and rank 1 follows, exactly as under torchrun;
+results come back through files. Every spawned process is bounded in time.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from builders import meta_params, write_meta_dir
+from test_tensor_parallel_workers import (
+    BATCH, PROMPTS, CountingTokenizer, generate_all, meta_worker, spawn, split_worker, whole_model,
+)
+
+from qgpt_code.config import ModelArgs, preset
+from qgpt_code.distributed.layout import LayoutError, TPLayout
+from qgpt_code.model import Transformer, checkpoint_tensors
+
+TOLERANCE = 1e-5  # fp32 logits, TP=2 against TP=1
+
+
+def random_model(args: ModelArgs, seed: int) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(args).eval().requires_grad_(False)
+    for name, p in model.named_parameters():  # wider projections than the default init, so that logits
+        p.mul_(4.0 if p.dim() == 2 and "embeddings" not in name else 1.0)  # spread over a few units
+    if args.tie_embeddings:
+        model.tok_embeddings.weight.mul_(0.25)  # N(0, 1) rows as the output head: logits of std ~8 otherwise
+    return model
+
+
+@pytest.fixture(scope="module")
+def meta_dir(tmp_path_factory, sp_proto):
+    """A tiny GQA model (4 query heads, 2 KV heads) as a 2-shard Meta checkpoint, vocab_size -1 in params.json."""
+    args = preset("tiny")
+    state = {k: v.clone() for k, v in checkpoint_tensors(random_model(args, 0)).items()}
+    return write_meta_dir(state, meta_params(args), tmp_path_factory.mktemp("tp_meta"), sp_proto, n_shards=2)
+
+
+@pytest.fixture(scope="module")
+def meta_run(meta_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tp_meta_out")
+    spawn(meta_worker, 2, str(meta_dir), str(out))
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def reference(meta_dir):
+    """The same checkpoint on one process (shards merged), through the same entry points."""
+    from qgpt_code import load_model
+
+    loaded = load_model(meta_dir, device="cpu", dtype="float32")
+    return generate_all(loaded.model, loaded.tokenizer, eager=True)
+
+
+def test_each_rank_reads_only_its_own_meta_shard(meta_run):
+    # (twice each: params.json's vocab_size -1 is read off the rank's own embedding first)
+    assert set(meta_run[0]["opened"]) == {"consolidated.00.pth"}
+    assert set(meta_run[1]["opened"]) == {"consolidated.01.pth"}
+
+
+def test_tp2_logits_equal_tp1(meta_run, reference):
+    tp2, tp1 = meta_run[0]["logits"], reference["logits"]
+    assert tp2.shape == tp1.shape == (*BATCH.shape, 512)
+    assert tp1.std() > 1.0  # logits that mean something: a difference of 1e-5 is a real test
+    assert (tp2 - tp1).abs().max().item() <= TOLERANCE
+
+
+def test_tp2_greedy_generation_is_identical(meta_run, reference):
+    assert meta_run[0]["generate"] == reference["generate"]
+    assert len(reference["generate"][0]) == 12
+    assert meta_run[0]["engine"] == reference["engine"]
+    assert meta_run[0]["engine"][:2] == reference["generate"][:2]
+    assert meta_run[0]["engine_reused"] == reference["engine_reused"] > 0  # prefix blocks shared (and copied)
+
+
+def test_replicated_kv_heads_and_tied_embeddings(tmp_path):
+    """1 KV head over 2 ranks (each keeps a copy), output tied to the embedding, a vocabulary that 2
+    does not divide (tied: the embedding is split on its dim, not the vocabulary)."""
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=1, vocab_size=451, multiple_of=32,
+                     max_seq_len=128, tie_embeddings=True)
+    model = random_model(args, 1)
+    torch.save(model.state_dict(), tmp_path / "state.pt")
+    spawn(split_worker, 2, args, str(tmp_path / "state.pt"), str(tmp_path))
+    tp2 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    tp1 = generate_all(whole_model(args, str(tmp_path / "state.pt")), CountingTokenizer(args.vocab_size), eager=True)
+    assert tp1["logits"].std() > 1.0
+    assert (tp2["logits"] - tp1["logits"]).abs().max().item() <= TOLERANCE
+    assert tp2["generate"] == tp1["generate"] and tp2["engine"] == tp1["engine"]
+
+
+def test_layout_slices_match_fairscale_and_refuse_what_does_not_divide():
+    from qgpt_code.checkpoints.meta import shard_dim
+    from qgpt_code.model import checkpoint_layout
+
+    args = preset("llama-2-70b")
+    for world in (2, 4, 8):
+        layouts = [TPLayout(args, r, world) for r in range(world)]
+        for name, slot in checkpoint_layout(args).items():
+            pieces = [lay.piece(name) for lay in layouts]
+            if pieces[0] is None:
+                assert shard_dim(name) is None
+                continue
+            assert {p.dim for p in pieces} == {shard_dim(name)}  # fairscale's split dim
+            assert [p.start for p in pieces] == [r * slot.shape[pieces[0].dim] // world for r in range(world)]
+        assert layouts[1].local_args.n_kv_heads == 8 // world and layouts[1].local_args.n_heads == 64 // world
+    replicated = [TPLayout(preset("tiny"), r, 4) for r in range(4)]  # 2 KV heads, 4 ranks
+    assert [lay.kv_heads for lay in replicated] == [range(0, 1), range(0, 1), range(1, 2), range(1, 2)]
+    with pytest.raises(LayoutError, match="n_heads=32 to be a multiple of 3"):
+        TPLayout(preset("llama-2-7b"), 0, 3)
+    with pytest.raises(LayoutError, match="n_kv_heads=3"):
+        TPLayout(ModelArgs(dim=96, n_heads=6, n_kv_heads=3, multiple_of=32), 0, 2)
