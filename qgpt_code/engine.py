@@ -194,7 +194,9 @@ class Engine:
         # Allocated (and zeroed) off the calling thread: see qgpt_code/fresh_thread.py.
         cache = run_in_fresh_thread(KVCache, args, self.plan.blocks, BLOCK_SIZE, loaded.device, loaded.dtype)
         self.pool = BlockPool(cache)
-        decode = make_decode(loaded.model, cache, max_batch, self.max_seq_len, eager)  # graphs captured now, on a GPU
+        # Graphs captured now, on a GPU; a tensor-parallel model builds its step on every rank (qgpt_code/distributed).
+        build = getattr(loaded.model, "make_decode", None) or (lambda *a: make_decode(loaded.model, *a))
+        decode = build(cache, max_batch, self.max_seq_len, eager)
         self.scheduler = Scheduler(loaded.model, loaded.tokenizer, self.pool, max_batch, self.max_seq_len,
                                    prefill_budget, decode)
         self._lock = threading.Condition()
