@@ -19,12 +19,12 @@ from typing import AsyncIterator, Iterator, Sequence
 import torch
 
 from qgpt_code.checkpoints.assemble import LoadedModel
-from qgpt_code.decode_step import make_decode
+from qgpt_code.decode_step import acquire_runtime
 from qgpt_code.errors import QGPTError
 from qgpt_code.fresh_thread import run_in_fresh_thread
 from qgpt_code.generation import Completion, SamplingParams, TokenEvent
 from qgpt_code.cache_plan import plan_cache
-from qgpt_code.kv_cache import BLOCK_SIZE, BlockPool, KVCache
+from qgpt_code.kv_cache import BlockPool, KVCache
 from qgpt_code.scheduler import Scheduler, Sequence as SchedSequence
 
 DEFAULT_MAX_SEQ_LEN = 4096  # tokens one sequence may hold when the model's context is longer (--max-seq-len)
@@ -63,7 +63,9 @@ class RequestHandle:
         self.cached_tokens = 0  # known once admitted: prompt tokens served from the prefix cache
         self.completion_tokens = 0
         self.submitted_at = time.monotonic()
+        self.started_at: float | None = None  # when the engine thread handed it to the scheduler
         self.first_token_at: float | None = None
+        self.finished_at: float | None = None
         self.finish_reason: str | None = None
         self.error: str | None = None
         self._events: deque[TokenEvent] = deque()
@@ -80,6 +82,7 @@ class RequestHandle:
                     self.first_token_at = time.monotonic()
             if event.finish_reason:
                 self.finish_reason = event.finish_reason
+                self.finished_at = time.monotonic()
             self._events.append(event)
             self._cond.notify_all()
             waiters, self._async_waiters = self._async_waiters, []
@@ -191,12 +194,15 @@ class Engine:
         args = loaded.model.args
         self.plan = plan_cache(loaded, cache_bytes, max_batch, prefill_budget, min(max_seq_len or DEFAULT_MAX_SEQ_LEN, args.max_seq_len))
         self.max_seq_len = self.plan.max_seq_len
-        # Allocated (and zeroed) off the calling thread: see qgpt_code/fresh_thread.py.
-        cache = run_in_fresh_thread(KVCache, args, self.plan.blocks, BLOCK_SIZE, loaded.device, loaded.dtype)
+        # The cache and its decode step: the model's own when free and large enough (graphs captured once
+        # per model, see decode_step.acquire_runtime), else made now (cache allocated and zeroed off the
+        # calling thread: see qgpt_code/fresh_thread.py; graphs captured now, on a GPU). A tensor-parallel
+        # model builds its step on every rank (qgpt_code/distributed).
+        self.runtime = acquire_runtime(loaded.model, self.plan.blocks, max_batch, self.max_seq_len, eager,
+                                       make_cache=lambda *a: run_in_fresh_thread(KVCache, *a),
+                                       build=getattr(loaded.model, "make_decode", None))
+        cache, decode = self.runtime.cache, self.runtime.decode
         self.pool = BlockPool(cache)
-        # Graphs captured now, on a GPU; a tensor-parallel model builds its step on every rank (qgpt_code/distributed).
-        build = getattr(loaded.model, "make_decode", None) or (lambda *a: make_decode(loaded.model, *a))
-        decode = build(cache, max_batch, self.max_seq_len, eager)
         self.scheduler = Scheduler(loaded.model, loaded.tokenizer, self.pool, max_batch, self.max_seq_len,
                                    prefill_budget, decode)
         self._lock = threading.Condition()
@@ -271,6 +277,8 @@ class Engine:
                     handle._sequence.abort_reason = "cancelled"
             self._lock.notify()
         self._thread.join(timeout=30)
+        if not self._thread.is_alive():
+            self.runtime.release()  # the cache and graphs go back to the model for later callers
 
     def __enter__(self) -> "Engine":
         return self
@@ -321,6 +329,8 @@ class Engine:
             for seq, event in events:
                 handle = self._handles.pop(seq.id) if event.finish_reason else self._handles[seq.id]
                 handle.cached_tokens = seq.cached_tokens
+                if handle.first_token_at is None:  # the instant its time limit counts from, not the delivery's
+                    handle.first_token_at = seq.text.first_token_at
                 if seq.error is not None:
                     handle.error = seq.error
                 handle._push(event)
@@ -332,6 +342,7 @@ class Engine:
         request = handle.request
         deadline = None if request.timeout is None else handle.submitted_at + request.timeout
         seq = self.scheduler.add(request.prompt_tokens, request.params, deadline)
+        handle.started_at = time.monotonic()
         handle._sequence = seq
         self._handles[seq.id] = handle
 

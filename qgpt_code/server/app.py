@@ -124,7 +124,8 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         check(body)
         prompt = await off_the_loop(prompts.infill_request, body,
                                     body.max_new_tokens(settings.sampling.max_new_tokens))
-        return await respond(request, body, [prompt], InfillFormat(settings.model_id), "input_prefix", "infill")
+        return await respond(request, body, [prompt], InfillFormat(settings.model_id, body.response_fields),
+                             "input_prefix", "infill")
 
     @app.get("/v1/models", summary="The served model")
     async def list_models() -> dict:

@@ -33,6 +33,9 @@ def add_serve_command(commands) -> None:
     serve.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
                        help="let browser pages from these origins call the API (CORS), e.g. https://app.example.com, "
                             "or * for any; default: none")
+    serve.add_argument("--infill-budget", type=int, default=2048, metavar="TOKENS",
+                       help="most prompt tokens /infill spends on the file and its extra context, llama.vim's ring "
+                            "buffer included (default: 2048, as the language server's contextBudget)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(run=run_serve)
 
@@ -55,7 +58,7 @@ def run_serve(args: argparse.Namespace) -> int:
         settings = ServerSettings(
             model_id=args.served_model_name or default_model_id(loaded.info.path), api_key=args.api_key or None,
             sampling=sampling, max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout,
-            allowed_origins=tuple(args.allowed_origins))
+            allowed_origins=tuple(args.allowed_origins), infill_budget=args.infill_budget)
         print(f"qgpt: serving {settings.model_id!r} on http://{_url_host(args.host)}:{args.port}/v1", file=sys.stderr)
         config = uvicorn.Config(create_app(engine, settings), host=args.host, port=args.port,
                                 log_level=args.log_level, timeout_graceful_shutdown=5)
@@ -78,6 +81,8 @@ def check_serve_options(args: argparse.Namespace) -> None:
         raise QGPTError(f"--port must be from 1 to 65535, got {args.port}")
     if args.request_timeout is not None and not (math.isfinite(args.request_timeout) and args.request_timeout > 0):
         raise QGPTError(f"--request-timeout must be a positive number of seconds, got {args.request_timeout}")
+    if args.infill_budget < 64:
+        raise QGPTError(f"--infill-budget must be at least 64 tokens, got {args.infill_budget}")
     if args.max_body_bytes <= 0:
         raise QGPTError(f"--max-body-bytes must be more than 0, got {args.max_body_bytes}")
     for origin in args.allowed_origins:

@@ -40,6 +40,8 @@ def engine_requests(body: SamplingFields, prompt: Prompt, settings: ServerSettin
                 logprobs=top_logprobs is not None,
                 top_logprobs=top_logprobs or 0,
                 ignore_eos=keep_going,
+                stop_when=prompt.stop_when,
+                max_generation_seconds=body.generation_time_limit(),
             )
         except QGPTError as exc:  # the protocol's bounds should make this unreachable
             raise APIError(400, str(exc)) from None

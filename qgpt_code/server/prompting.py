@@ -26,6 +26,7 @@ class Prompt:
     stop_ids: tuple[int, ...]  # besides EOS: end-of-generation ids, Code Llama's EOT
     text: str = ""  # the prompt as text, for `echo`
     postprocess: Callable[[str], str] | None = None  # /infill: trim the completion as the editor would
+    stop_when: Callable[[str], bool] | None = None  # /infill: the answer is complete (SamplingParams.stop_when)
 
 
 class PromptBuilder:
@@ -60,14 +61,20 @@ class PromptBuilder:
         """llama.cpp's /infill through the language server's editor-context assembly."""
         reserve = min(max_new_tokens, self.context // 2)  # room left for the completion
         options = ContextOptions(budget=min(self.infill_budget, self.context - reserve))
-        files = [ContextFile(path=f.filename, text=f.text) for f in body.input_extra]
+        files = [ContextFile(path=f.filename, text=f.text, language_id=f.language) for f in body.input_extra]
         try:
             prompt = completion_prompt(self.tokenizer, body.input_prefix + body.prompt, body.input_suffix,
-                                       other_files=files, options=options)
+                                       path=body.path, language_id=body.language, other_files=files, options=options)
         except ValueError as exc:  # a budget too small for any text
             raise APIError(400, f"n_predict leaves no room for a prompt: {exc}", param="n_predict") from None
+        complete = prompt.stop_when
+        postprocess = prompt.postprocess
+        if body.n_indent:
+            indent = body.n_indent
+            complete = _either(complete, lambda text: line_below_indent(text, indent) is not None)
+            postprocess = _after(lambda text: text[: line_below_indent(text, indent)], postprocess)
         return Prompt(prompt.tokens, tuple(dict.fromkeys(prompt.stop_ids + self.end_ids)),
-                      postprocess=prompt.postprocess)
+                      postprocess=postprocess, stop_when=complete)
 
     # -- /v1/completions pieces ------------------------------------------------------------------
     def _text(self, text: str) -> Prompt:
@@ -91,3 +98,26 @@ class PromptBuilder:
         tokens = infill_tokens(self.tokenizer, prompt, body.suffix)
         return Prompt(tokens, (infill_stop_id(self.tokenizer), *self.end_ids))
 
+
+
+def line_below_indent(text: str, n_indent: int) -> int | None:
+    """Where the first line after a line break that is indented by fewer than `n_indent` whitespace
+    characters (spaces and tabs count one each, as in llama.cpp) starts; None if there is none.
+    Blank lines do not count: a function body has them."""
+    start = text.find("\n") + 1
+    while start:
+        end = text.find("\n", start)
+        line = text[start:] if end < 0 else text[start:end]
+        content = line.lstrip(" \t")
+        if content.strip() and len(line) - len(content) < n_indent:
+            return start
+        start = end + 1
+    return None
+
+
+def _either(first: Callable[[str], bool] | None, second: Callable[[str], bool]) -> Callable[[str], bool]:
+    return second if first is None else (lambda text: first(text) or second(text))
+
+
+def _after(first: Callable[[str], str], then: Callable[[str], str]) -> Callable[[str], str]:
+    return lambda text: then(first(text))

@@ -23,6 +23,8 @@ MAX_TOKENS = 1 << 20  # beyond any context window; the engine caps a request at 
 MAX_LOGPROBS = 20
 MAX_MESSAGES = 1024
 MAX_EXTRA_FILES = 64
+MAX_INDENT = 1 << 16
+MAX_PREDICT_MS = 24 * 3600 * 1000
 UNTIL_CONTEXT_FULL = MAX_TOKENS  # llama.cpp's n_predict = -1: generate until the context is full
 
 
@@ -78,6 +80,14 @@ class SamplingFields(Body):
     def keep_going_past_eos(self) -> bool:
         return False
 
+    def generation_time_limit(self) -> float | None:
+        """Seconds generation may run from its first token (llama.cpp's t_max_predict_ms); None: no limit."""
+        return None
+
+    def unsupported(self) -> dict[str, Any]:
+        """Fields set to something this server cannot do, by name."""
+        return {}
+
 
 class StreamOptions(Body):
     include_usage: bool = False
@@ -109,8 +119,7 @@ class OpenAIFields(SamplingFields):
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def unsupported(self) -> dict[str, Any]:
-        """Fields set to something this server cannot do, by name."""
-        found = {}
+        found = super().unsupported()
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(self, name):
                 found[name] = "penalties are not supported; leave it out or send 0"
@@ -196,24 +205,40 @@ class ExtraFile(Body):
 
     filename: str = Field("", max_length=4096)
     text: Text
+    language: str = Field("", max_length=64, description="extension: its language id when not the document's")
 
 
 class InfillRequest(SamplingFields):
-    """`POST /infill` in llama.cpp's shape: `input_prefix` and `input_suffix` are required (they may be
-    empty). The text before the cursor is `input_prefix + prompt` (llama.vscode sends the cursor's line
-    up to the cursor as `prompt`)."""
+    """`POST /infill` in llama.cpp's shape, as llama.vim and llama.vscode send it: `input_prefix` and
+    `input_suffix` are required (they may be empty); the text before the cursor is `input_prefix + prompt`
+    (the plugins send the cursor's line up to the cursor as `prompt`). `n_predict: 0` only computes and
+    caches the prompt (the plugins' warm-up after their ring buffer of chunks changes). Fields of
+    llama.cpp's that change nothing here (`cache_prompt`: prompts are always cached; `samplers`,
+    `id_slot`, `t_max_prompt_ms`, `timings_per_token`, each extra chunk's `time`) are accepted and ignored."""
 
     input_prefix: Text
     input_suffix: Text
     input_extra: Annotated[list[ExtraFile], Field(max_length=MAX_EXTRA_FILES)] = []
     prompt: Text = ""
-    n_predict: int | None = Field(None, ge=-1, le=MAX_TOKENS, description="-1: until the context is full")
+    n_predict: int | None = Field(None, ge=-1, le=MAX_TOKENS, description="-1: until the context is full; 0: only cache the prompt")
+    n_indent: int | None = Field(None, ge=0, le=MAX_INDENT, description="stop at a new line indented by fewer whitespace characters")
+    t_max_predict_ms: int | None = Field(None, ge=0, le=MAX_PREDICT_MS, description="stop this long after the first token; 0: no limit")
+    response_fields: Annotated[list[Annotated[str, Field(max_length=256)]], Field(max_length=64)] | None = Field(
+        None, description="only these fields of the answer, paths like timings/prompt_n as flat keys")
+    ignore_eos: bool = Field(False, description="keep generating past end-of-generation tokens (benchmarks)")
+    path: Annotated[str, Field(max_length=4096)] = Field("", description="extension: the document's path, for the prompt's file header")
+    language: Annotated[str, Field(max_length=64)] = Field("", description="extension: the editor's language id")
 
     def max_new_tokens(self, default: int) -> int:
-        return UNTIL_CONTEXT_FULL if self.n_predict == -1 else (self.n_predict or default)
+        if self.n_predict is None:
+            return default
+        return UNTIL_CONTEXT_FULL if self.n_predict == -1 else self.n_predict
 
-    def unsupported(self) -> dict[str, Any]:
-        return {"n_predict": "n_predict must be -1 or at least 1"} if self.n_predict == 0 else {}
+    def generation_time_limit(self) -> float | None:
+        return self.t_max_predict_ms / 1000 if self.t_max_predict_ms else None
+
+    def keep_going_past_eos(self) -> bool:
+        return self.ignore_eos
 
 
 class ErrorDetail(BaseModel):

@@ -14,9 +14,11 @@ and the totals). Clients that read text only from chunks without a finish reason
 
 from __future__ import annotations
 
+import time
 from functools import lru_cache
 from typing import Sequence
 
+from qgpt_code.engine import RequestHandle
 from qgpt_code.generation import TokenEvent
 from qgpt_code.prompts import decode_without_leading_space
 from qgpt_code.server.jobs import Choice, Job
@@ -161,18 +163,20 @@ class ChatFormat:
 
 
 class InfillFormat:
-    """llama.cpp's `/infill` (and `/completion`) shape; its streams end with a `"stop": true` chunk, no [DONE]."""
+    """llama.cpp's `/infill` (and `/completion`) shape; its streams end with a `"stop": true` chunk, no [DONE].
+    `response_fields` (llama.cpp's) keeps only the named fields of the final answer, `a/b` paths as flat keys."""
 
     done_marker = False
-    STOP_TYPES = {"stop": "eos", "length": "limit"}
+    STOP_TYPES = {"stop": "eos", "length": "limit", "time_limit": "limit"}
 
-    def __init__(self, model_id: str):
+    def __init__(self, model_id: str, response_fields: Sequence[str] | None = None):
         self.model_id = model_id
+        self.response_fields = response_fields
 
     def whole(self, job: Job) -> dict:
         choice = job.choices[0]
         content = choice.prompt.postprocess(choice.text) if choice.prompt.postprocess else choice.text
-        return {"content": content, **self._summary(job)}
+        return self._fields({"content": content, **self._summary(job)})
 
     def opening(self, job: Job) -> list[dict]:
         return []
@@ -180,7 +184,7 @@ class InfillFormat:
     def chunks(self, job: Job, choice: Choice, event: TokenEvent) -> list[dict]:
         out = [{"content": event.text, "stop": False}] if event.text else []
         if event.finish_reason:
-            out.append({"content": "", **self._summary(job)})
+            out.append(self._fields({"content": "", **self._summary(job)}))
         return out
 
     def closing(self, job: Job) -> list[dict]:
@@ -191,4 +195,41 @@ class InfillFormat:
         handle = choice.handle
         return {"stop": True, "model": self.model_id, "stop_type": self.STOP_TYPES.get(choice.finish_reason, "none"),
                 "finish_reason": choice.finish_reason, "tokens_predicted": handle.completion_tokens,
-                "tokens_evaluated": handle.prompt_tokens, "tokens_cached": handle.cached_tokens, "truncated": False}
+                "tokens_evaluated": handle.prompt_tokens, "tokens_cached": handle.cached_tokens, "truncated": False,
+                "has_new_line": "\n" in choice.text, "timings": timings(handle)}
+
+    def _fields(self, body: dict) -> dict:
+        return pick_fields(body, self.response_fields) if self.response_fields else body
+
+
+def timings(handle: RequestHandle) -> dict:
+    """llama.cpp's `timings`: the prompt tokens computed (the rest came from the prefix cache) and the
+    time from the engine taking the request to the first token; the tokens generated and the time from
+    the first token to the last."""
+    end = handle.finished_at or time.monotonic()
+    first = handle.first_token_at or end
+    start = handle.started_at or handle.submitted_at
+    prompt_n, predicted_n = handle.prompt_tokens - handle.cached_tokens, handle.completion_tokens
+    prompt_ms, predicted_ms = (first - start) * 1000, (end - first) * 1000
+    return {"cache_n": handle.cached_tokens,
+            "prompt_n": prompt_n, "prompt_ms": prompt_ms,
+            "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else 0.0,
+            "prompt_per_second": 1000 * prompt_n / prompt_ms if prompt_ms else 0.0,
+            "predicted_n": predicted_n, "predicted_ms": predicted_ms,
+            "predicted_per_token_ms": predicted_ms / predicted_n if predicted_n else 0.0,
+            "predicted_per_second": 1000 * predicted_n / predicted_ms if predicted_ms else 0.0}
+
+
+def pick_fields(body: dict, paths: Sequence[str]) -> dict:
+    """Each path (`content`, `timings/prompt_n`) that leads to a value, as a flat key (llama.cpp's
+    `json_get_nested_values`); a path that leads nowhere is left out."""
+    picked = {}
+    for path in paths:
+        value = body
+        for key in path.split("/"):
+            if not isinstance(value, dict) or key not in value:
+                break
+            value = value[key]
+        else:
+            picked[path] = value
+    return picked
