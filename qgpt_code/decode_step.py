@@ -11,16 +11,22 @@ CUDA graph and replayed. A graph fixes every shape and address, so `GraphedDecod
 - rows beyond the real batch repeat the last real row (same token, position and block table), so
   they write the same keys and values to the same place and change nothing.
 All graphs share one memory pool; each call's logits are valid until the next call.
+
+Graphs record the cache's addresses, so a cache and the decode step built on it go together: a
+`DecodeRuntime`, kept on the model (`acquire_runtime`). Every later `generate()` call and Engine whose
+needs it covers reuses it, so graphs and compiled kernels are made once per loaded model.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
-from qgpt_code.kv_cache import KVCache, blocks_for
+from qgpt_code.kv_cache import BLOCK_SIZE, KVCache, blocks_for
 from qgpt_code.model import Transformer
 
 KV_BUCKET = 256  # attend over the cache in steps of this many positions, not all of it every step
@@ -157,9 +163,13 @@ def make_decode(model: Transformer, cache: KVCache, max_batch: int, max_seq_len:
     from qgpt_code import cpu_decode
     from qgpt_code.native import cpu_kernels
 
+    from qgpt_code.quantize import prepare_decode_kernels
+
     if eager:
         return EagerDecode(model, cache)
     if model.tok_embeddings.weight.device.type == "cuda":
+        # int8 kernels for exactly the rows the graphs will run, compiled now and captured with them
+        prepare_decode_kernels(model, power_of_two_buckets(1, max_batch))
         return GraphedDecode(model, cache, max_batch, max_seq_len, progress=_stderr_progress)
     if cpu_decode.supports(model, cache) and (kernels := cpu_kernels()) is not None:
         return cpu_decode.NativeCpuDecode(model, cache, kernels, max_seq_len)
@@ -169,3 +179,57 @@ def make_decode(model: Transformer, cache: KVCache, max_batch: int, max_seq_len:
 def _stderr_progress(done: int, total: int) -> None:
     end = "\n" if done == total else "\r"
     print(f"qgpt: capturing decode graphs: {done}/{total}", end=end, file=sys.stderr, flush=True)
+
+
+@dataclass(eq=False)
+class DecodeRuntime:
+    """A KV cache and the decode step bound to it, kept on the model for every caller it fits."""
+
+    cache: KVCache
+    decode: Callable[[Sequence[int], Sequence[int], Sequence[Sequence[int]]], torch.Tensor]
+    max_batch: int
+    max_seq_len: int
+    eager: bool
+    in_use: bool = False  # by one generate() call or Engine: the cache's contents are theirs meanwhile
+
+    def covers(self, blocks: int, max_batch: int, max_seq_len: int, eager: bool, exact: bool) -> bool:
+        enough = self.cache.n_blocks == blocks if exact else self.cache.n_blocks >= blocks
+        return self.eager == eager and enough and self.max_batch >= max_batch and self.max_seq_len >= max_seq_len
+
+    def release(self) -> None:
+        with _runtime_lock:
+            self.in_use = False
+
+
+_runtime_lock = threading.Lock()
+
+
+def acquire_runtime(model: Transformer, blocks: int, max_batch: int, max_seq_len: int, eager: bool = False,
+                    make_cache: Callable[..., KVCache] = KVCache, build: Callable | None = None,
+                    exact: bool = False) -> DecodeRuntime:
+    """A cache of at least `blocks` blocks with its decode step, for the caller's use until it calls
+    `release()`: the model's own when free and large enough; otherwise a new one, which becomes the
+    model's (replacing an idle one, freed first) unless the model's is in use elsewhere. `build`
+    (cache, max_batch, max_seq_len, eager) -> step replaces `make_decode` (a tensor-parallel model's
+    own, which every rank must run together): such a runtime is never shared. `exact`: the cache must
+    hold exactly `blocks` (an Engine's pool is sized by its plan; more blocks would change its behaviour)."""
+    if build is not None:
+        weights = model.tok_embeddings.weight
+        cache = make_cache(model.args, blocks, BLOCK_SIZE, weights.device, weights.dtype)
+        return DecodeRuntime(cache, build(cache, max_batch, max_seq_len, eager), max_batch, max_seq_len, eager, True)
+    with _runtime_lock:
+        current: DecodeRuntime | None = getattr(model, "decode_runtime", None)
+        if current is not None and not current.in_use and current.covers(blocks, max_batch, max_seq_len, eager, exact):
+            current.in_use = True
+            return current
+        keep = current is None or not current.in_use
+        if keep and current is not None:
+            model.decode_runtime = current = None  # its memory goes before the new cache is allocated
+    weights = model.tok_embeddings.weight
+    cache = make_cache(model.args, blocks, BLOCK_SIZE, weights.device, weights.dtype)
+    runtime = DecodeRuntime(cache, make_decode(model, cache, max_batch, max_seq_len, eager), max_batch,
+                            max_seq_len, eager, in_use=True)
+    with _runtime_lock:
+        if keep and getattr(model, "decode_runtime", None) is None:
+            model.decode_runtime = runtime
+    return runtime

@@ -200,7 +200,7 @@ class Engine:
         # model builds its step on every rank (qgpt_code/distributed).
         self.runtime = acquire_runtime(loaded.model, self.plan.blocks, max_batch, self.max_seq_len, eager,
                                        make_cache=lambda *a: run_in_fresh_thread(KVCache, *a),
-                                       build=getattr(loaded.model, "make_decode", None))
+                                       build=getattr(loaded.model, "make_decode", None), exact=True)
         cache, decode = self.runtime.cache, self.runtime.decode
         self.pool = BlockPool(cache)
         self.scheduler = Scheduler(loaded.model, loaded.tokenizer, self.pool, max_batch, self.max_seq_len,

@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Sequence
 from qgpt_code.checkpoints.assemble import LoadedModel
 from qgpt_code.detokenize import IncrementalDecoder, StopStringFilter
 from qgpt_code.errors import EmptyPromptError, PromptTooLongError, QGPTError
-from qgpt_code.kv_cache import BLOCK_SIZE, BlockPool, KVCache, blocks_for
+from qgpt_code.kv_cache import BlockPool, blocks_for
 from qgpt_code.model import Transformer
 from qgpt_code.tokenizer import Tokenizer
 
@@ -161,24 +161,32 @@ def generate(
     """Run prompts together to completion; yield, per step, (prompt index, event) pairs.
 
     `max_seq_len` bounds prompt + completion (default: the model's trained context). Decode steps
-    take `make_decode`'s fastest path (on a GPU, CUDA graphs captured for this call's cache);
-    `eager` runs them as plain PyTorch instead.
+    take `make_decode`'s fastest path (on a GPU, CUDA graphs), built with a cache on the first call
+    and kept on the model: later calls that fit reuse them (sizes are rounded up to powers of two so
+    that growing prompts rebuild them rarely). `eager` runs them as plain PyTorch instead.
     """
-    from qgpt_code.decode_step import make_decode  # these build on this module's types
+    from qgpt_code.decode_step import acquire_runtime  # these build on this module's types
     from qgpt_code.scheduler import Scheduler
 
     context = min(max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
     prompts = [fit_prompt(p, context, params.truncate_prompt) for p in prompts]
     lengths = [len(p) + min(params.max_new_tokens, context - len(p)) for p in prompts]
-    weights = model.tok_embeddings.weight
     # Blocks for every sequence's whole length: nothing is ever preempted or evicted.
-    cache = KVCache(model.args, sum(blocks_for(n) for n in lengths), BLOCK_SIZE, weights.device, weights.dtype)
-    decode = make_decode(model, cache, len(prompts), max(lengths), eager)
-    scheduler = Scheduler(model, tokenizer, BlockPool(cache), max_batch=len(prompts), max_seq_len=context,
-                          prefill_budget=max(lengths), decode=decode)
-    index = {scheduler.add(p, params).id: i for i, p in enumerate(prompts)}
-    while scheduler.has_work():
-        yield [(index[seq.id], event) for seq, event in scheduler.step()]
+    blocks = sum(blocks_for(n) for n in lengths)
+    runtime = acquire_runtime(model, _power_of_two(blocks), _power_of_two(len(prompts)),
+                              min(_power_of_two(max(lengths)), model.args.max_seq_len), eager)
+    try:
+        scheduler = Scheduler(model, tokenizer, BlockPool(runtime.cache), max_batch=len(prompts), max_seq_len=context,
+                              prefill_budget=max(lengths), decode=runtime.decode)
+        index = {scheduler.add(p, params).id: i for i, p in enumerate(prompts)}
+        while scheduler.has_work():
+            yield [(index[seq.id], event) for seq, event in scheduler.step()]
+    finally:
+        runtime.release()
+
+
+def _power_of_two(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def generate_batch(loaded: LoadedModel, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:

@@ -3,14 +3,21 @@
 Each output channel (row) of a weight gets its own scale, max|w| / 127, and is stored as int8; the
 forward pass converts the weight back to the activations' dtype and rescales the output. Decoding one
 token reads every weight once, so halving (bf16) or quartering (fp32) the bytes read is the point; the
-conversion only pays off where it is fused into the matrix product: on a GPU, decode-sized products
-(a few rows) go through a torch.compile'd function whose generated kernel converts the int8 weight
-as it reads it; on the CPU the fused decode step (cpu_decode.py) reads it through a C kernel;
-prompt-sized products are bound by arithmetic, not reads, and run eagerly.
+conversion only pays off where it is fused into the matrix product.
+
+The kernels form a bounded set, fixed at start-up (a compilation at request time would stall every
+stream, and torch.compile gives up after its recompile limit):
+- decode steps: each batch bucket's row count gets a fused kernel in `prepare_decode_kernels`, which
+  `make_decode` calls before capturing the CUDA graphs; `DECODE_KERNEL` names the one used (see there);
+- everything else (prompt chunks of any length, compute-bound) converts the weight and uses the regular
+  matrix product, `int8_matmul`, which compiles nothing;
+- on the CPU the fused decode step (cpu_decode.py) reads the int8 weight through its own C kernel.
 Embeddings and norms stay in floating point.
 """
 
 from __future__ import annotations
+
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +27,15 @@ from qgpt_code.model import Transformer
 
 QUANTIZED_LAYERS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
 
+# The decode-step kernel, chosen by measurement on a GPU (`bench/gpu.py --int8-kernels` times each
+# against bf16 at the engine's batch buckets):
+#   "compiled": gpt-fast's -- `int8_matmul` under torch.compile (inductor, coordinate-descent tuning),
+#               one specialisation per (weight shape, bucket), all compiled in prepare_decode_kernels;
+#   "int8pack": torch._weight_int8pack_mm, a fixed ATen kernel (nothing to compile);
+#   "dequant":  `int8_matmul` as is (converts the whole weight each step: the no-fusion baseline).
+DECODE_KERNEL = "compiled"
+KernelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (rows, in), (out, in), (out,) -> (rows, out)
+
 
 class Int8Linear(nn.Module):
     """y = (x @ W_int8^T) * scale, W stored as int8 (out, in) with one scale per output row."""
@@ -28,20 +44,20 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.register_buffer("weight", weight)  # (out, in) int8
         self.register_buffer("scales", scales)  # (out,) in the activations' dtype
+        # (rows, activation dtype) -> the fused kernel prepared for it; any other input uses int8_matmul
+        self.decode_kernels: dict[tuple[int, torch.dtype], KernelFn] = {}
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
         weight, scales = quantize_per_channel(linear.weight.detach())
         return cls(weight, scales.to(linear.weight.dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.shape[:-1].numel() <= FUSED_MAX_ROWS:
-            return fused_int8_matmul()(x, self.weight, self.scales)
-        return int8_matmul(x, self.weight, self.scales)
-
-
-FUSED_MAX_ROWS = 16  # decode steps: rows of activations (batch x tokens) at most
-_fused = None
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        rows = x.shape[:-1].numel()
+        kernel = self.decode_kernels.get((rows, x.dtype))
+        if kernel is None:  # a prompt chunk, or a row count no decode bucket has
+            return int8_matmul(x, self.weight, self.scales)
+        return kernel(x.reshape(rows, x.shape[-1]), self.weight, self.scales).view(*x.shape[:-1], -1)
 
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -49,18 +65,59 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     return F.linear(x, weight.to(x.dtype)) * scales
 
 
-def fused_int8_matmul():
-    """int8_matmul compiled once per shape (static shapes: few, as decode batches come in buckets)."""
-    global _fused
-    if _fused is None:
-        import torch._dynamo
+def int8pack_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The same product through ATen's fused int8 weight-only kernel: x (rows, in) -> (rows, out)."""
+    return torch._weight_int8pack_mm(x, weight, scales.to(x.dtype))
 
-        config = torch._dynamo.config  # each layer shape x batch bucket is one specialisation
-        for limit in ("recompile_limit", "cache_size_limit"):
-            if hasattr(config, limit):
-                setattr(config, limit, max(getattr(config, limit), 64))
-        _fused = torch.compile(int8_matmul, dynamic=False, fullgraph=True)
-    return _fused
+
+def prepare_decode_kernels(model: Transformer, rows: Iterable[int], kernel: str = DECODE_KERNEL,
+                           backend: str = "inductor") -> int:
+    """Give every Int8Linear of `model` a fused kernel for each row count in `rows` (the decode batch
+    buckets), running each once now so that any compilation happens here and never at request time.
+    Idempotent; returns how many (layer, rows) pairs were new. `backend` is torch.compile's (tests
+    on the CPU pass "eager" to count compilations without paying for code generation)."""
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    if not layers or kernel == "dequant":
+        return 0
+    dtype = model.tok_embeddings.weight.dtype
+    rows = sorted(set(rows))
+    if kernel == "compiled":
+        fn = _compiled(backend, specialisations=len(rows) * len({tuple(m.weight.shape) for m in layers}))
+    elif kernel == "int8pack":
+        fn = int8pack_matmul
+    else:
+        raise ValueError(f"unknown int8 decode kernel {kernel!r}: choose compiled, int8pack or dequant")
+    new = 0
+    with torch.inference_mode():
+        for layer in layers:
+            for n in rows:
+                if (n, dtype) in layer.decode_kernels:
+                    continue
+                fn(torch.zeros(n, layer.weight.shape[1], dtype=dtype, device=layer.weight.device), layer.weight, layer.scales)
+                layer.decode_kernels[n, dtype] = fn
+                new += 1
+    return new
+
+
+_compiled_fns: dict[str, KernelFn] = {}
+
+
+def _compiled(backend: str, specialisations: int) -> KernelFn:
+    """int8_matmul under torch.compile with static shapes, allowed as many specialisations as the
+    model's (weight shape, bucket) pairs need (dynamo counts them per function)."""
+    import torch._dynamo
+    import torch._inductor.config
+
+    config = torch._dynamo.config
+    for limit in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, limit):
+            setattr(config, limit, max(getattr(config, limit), specialisations + 8))
+    if backend == "inductor":
+        # gpt-fast's setting: lets inductor fuse the int8->bf16 conversion into an M=1 reduction
+        torch._inductor.config.coordinate_descent_tuning = True
+    if backend not in _compiled_fns:
+        _compiled_fns[backend] = torch.compile(int8_matmul, dynamic=False, fullgraph=True, backend=backend)
+    return _compiled_fns[backend]
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -131,8 +131,8 @@ def test_cuda_graphs_give_the_eager_tokens(tiny_hf, lengths):
 
 
 @cuda
-def test_int8_logits_are_close_to_bf16_on_cuda(tiny_hf, monkeypatch):
-    """Prompt-sized products run eagerly, decode-sized ones through the compiled kernel: both near bf16."""
+def test_int8_logits_are_close_to_bf16_on_cuda(tiny_hf):
+    """Prompt-sized products run eagerly, decode-sized ones through the kernel prepared for them: both near bf16."""
     import qgpt_code.quantize as quantize
     from qgpt_code import load_model
 
@@ -143,12 +143,54 @@ def test_int8_logits_are_close_to_bf16_on_cuda(tiny_hf, monkeypatch):
     with torch.inference_mode():
         reference, reference_one = loaded.model(tokens, positions), loaded.model(one, at)
         quantize.quantize_int8(loaded.model)
-        prompt, fused_one = loaded.model(tokens, positions), loaded.model(one, at)
-        monkeypatch.setattr(quantize, "FUSED_MAX_ROWS", 0)
-        eager_one = loaded.model(one, at)
+        prompt, eager_one = loaded.model(tokens, positions), loaded.model(one, at)  # no kernels yet: plain product
+        quantize.prepare_decode_kernels(loaded.model, [1])
+        fused_one = loaded.model(one, at)
     cosine = torch.nn.functional.cosine_similarity
     assert cosine(prompt.flatten(), reference.flatten(), dim=0) > 0.99
     assert (prompt.argmax(-1) == reference.argmax(-1)).float().mean() > 0.9
     assert cosine(fused_one.flatten(), reference_one.flatten(), dim=0) > 0.99
     torch.testing.assert_close(fused_one, eager_one, rtol=0.02, atol=0.02)
 
+
+def fresh_model(tiny_hf, device="cpu", dtype="float32"):
+    from qgpt_code import load_model
+
+    return load_model(tiny_hf[1], device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_the_decode_runtime_belongs_to_the_model_and_is_reused(tiny_hf, device):
+    """generate() builds the cache and decode step (graphs, on a GPU) once; later calls that fit and
+    an Engine that fits reuse them; a call that needs more replaces them; one in use is never shared."""
+    from qgpt_code.engine import Engine, Request
+    from qgpt_code.generation import generate, generate_batch, generate_text
+
+    loaded = fresh_model(tiny_hf, device)
+    params = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
+    first = generate_text(loaded, [1, 5, 6], params)
+    runtime = loaded.model.decode_runtime
+    assert not runtime.in_use and (device == "cpu" or isinstance(runtime.decode, GraphedDecode))
+    assert generate_text(loaded, [1, 5, 6], params).tokens == first.tokens
+    longer = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
+    generate_batch(loaded, [[1, 5, 6], [1, 7]], longer)  # two rows, 64 positions: the first does not cover it
+    runtime = loaded.model.decode_runtime
+    assert (runtime.max_batch, runtime.max_seq_len, runtime.cache.n_blocks) == (2, 64, 8)
+    generate_text(loaded, [1, 9], params)
+    assert loaded.model.decode_runtime is runtime
+    block_bytes = 2 * runtime.cache.k.nbytes // runtime.cache.n_blocks  # keys and values
+    with Engine(loaded, max_batch=2, max_seq_len=32, cache_bytes=4 * block_bytes) as engine:
+        assert engine.runtime is not runtime  # the engine's pool is what its plan says: 4 blocks, not 8
+    runtime = loaded.model.decode_runtime  # the engine's, handed to the model when it closed
+    assert runtime.cache.n_blocks == 4
+    with Engine(loaded, max_batch=2, max_seq_len=32, cache_bytes=4 * block_bytes) as engine:
+        assert engine.runtime is runtime and runtime.in_use
+        assert engine.submit(Request([1, 5, 6], params)).result().tokens == first.tokens
+        inside = generate_text(loaded, [1, 5, 6], params)  # the engine holds it: this call gets its own
+        assert inside.tokens == first.tokens and loaded.model.decode_runtime is runtime
+    assert not runtime.in_use
+    steps = generate(loaded.model, loaded.tokenizer, [[1, 5, 6]], params)
+    next(steps)
+    assert runtime.in_use
+    steps.close()  # a generation abandoned halfway gives it back
+    assert not runtime.in_use
