@@ -40,6 +40,7 @@ class ModelArgs:
     head_dim: int | None = None  # None: dim // n_heads
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling_factor: float = 1.0  # linear position interpolation: positions divided by this (HF rope_scaling)
     max_seq_len: int = 4096  # the context the model was trained for
     tie_embeddings: bool = False  # output projection shares tok_embeddings' weight
 
@@ -57,6 +58,8 @@ class ModelArgs:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if not self.rope_scaling_factor > 0:
+            raise ValueError(f"rope_scaling_factor={self.rope_scaling_factor} must be positive")
 
     def replace(self, **changes: Any) -> "ModelArgs":
         """A copy with some fields changed (derived fields are recomputed unless given)."""
@@ -97,9 +100,26 @@ class ModelArgs:
             head_dim=config.get("head_dim") or config["hidden_size"] // n_heads,
             norm_eps=config.get("rms_norm_eps", 1e-6),
             rope_theta=float(config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+            rope_scaling_factor=hf_rope_scaling(config),
             max_seq_len=config.get("max_position_embeddings", 4096),
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
         )
+
+
+def hf_rope_scaling(config: dict[str, Any]) -> float:
+    """The linear position-interpolation factor of an HF config (`rope_scaling`, or transformers 5's
+    `rope_parameters`): 1.0 for none or "default"; a ValueError naming any other type, which this
+    engine does not implement (dynamic NTK, YaRN, Llama 3's and the rest change more than positions)."""
+    scaling = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind == "default":
+        return 1.0
+    if kind != "linear":
+        raise ValueError(f"rope_scaling type {kind!r} is not supported: QGPT applies only 'linear' (position interpolation)")
+    factor = scaling.get("factor")
+    if not isinstance(factor, (int, float)) or factor <= 0:
+        raise ValueError(f"rope_scaling type 'linear' needs a positive factor, got {factor!r}")
+    return float(factor)
 
 
 def read_json(path: Path) -> dict[str, Any]:

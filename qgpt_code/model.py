@@ -34,10 +34,13 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
-def rope_table(head_dim: int, max_seq_len: int, theta: float, device=None) -> torch.Tensor:
-    """Every position's rotations as unit complex numbers, (max_seq_len, head_dim // 2) complex64."""
+def rope_table(head_dim: int, max_seq_len: int, theta: float, device=None, scaling: float = 1.0) -> torch.Tensor:
+    """Every position's rotations as unit complex numbers, (max_seq_len, head_dim // 2) complex64.
+    `scaling` > 1 is linear position interpolation (HF rope_scaling type "linear"): position p turns
+    as p / scaling did, so a context `scaling` times longer spans the angles the model was trained on."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
+    positions = torch.arange(max_seq_len, device=device, dtype=torch.float32) / scaling
+    angles = torch.outer(positions, inv_freq)
     return torch.polar(torch.ones_like(angles), angles)
 
 
@@ -196,7 +199,8 @@ class Transformer(nn.Module):
     def init_rope(self, max_seq_len: int | None = None) -> None:
         """(Re)build the rotary tables on the weights' device; called after weights are assigned."""
         length = max(max_seq_len or 0, self.args.max_seq_len)
-        self.rope = rope_table(self.args.head_dim, length, self.args.rope_theta, self.tok_embeddings.weight.device)
+        self.rope = rope_table(self.args.head_dim, length, self.args.rope_theta, self.tok_embeddings.weight.device,
+                               self.args.rope_scaling_factor)
 
     def forward(
         self,
