@@ -36,9 +36,11 @@ def looks_like_chat_model(name: str) -> bool:
 
 
 def infill_budget(context: int, max_tokens: int) -> int:
-    """The editor-context budget of an infilling prompt, as the server's /infill computes it: leave room
-    for the completion (at most half the context), at most INFILL_BUDGET."""
-    return min(INFILL_BUDGET, context - min(max_tokens, context // 2))
+    """The editor-context budget of an infilling prompt, as the server's /infill and the language server
+    compute it (`prompts.completion_budget`), at most INFILL_BUDGET."""
+    from qgpt_code.prompts import completion_budget
+
+    return completion_budget(context, INFILL_BUDGET, max_tokens)
 
 
 # -- in-process ----------------------------------------------------------------------------------------
@@ -99,10 +101,10 @@ class EngineBackend:
         from qgpt_code.generation import SamplingParams
 
         try:
-            tokens, stop_ids, postprocess = self._prompt(request)
+            tokens, stop_ids, postprocess, stop_when = self._prompt(request)
             params = SamplingParams(
                 max_new_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
-                seed=request.seed, stop=request.stop, stop_ids=stop_ids,
+                seed=request.seed, stop=request.stop, stop_ids=stop_ids, stop_when=stop_when,
             )  # fmt: skip
         except QGPTError as exc:  # a dialog the chat format refuses, say
             return Generation("", "error", error=str(exc))
@@ -122,19 +124,21 @@ class EngineBackend:
                           seconds=time.monotonic() - started, postprocess=postprocess)
 
     def _prompt(self, request: GenerationRequest):
-        """(prompt ids, stop ids, post-processing) built as the server builds them."""
+        """(prompt ids, stop ids, post-processing, early stop) built as the server builds them."""
         if request.mode == BASE:
-            return self.tokenizer.encode(request.prompt, bos=self.add_bos), self.end_ids, None
+            return self.tokenizer.encode(request.prompt, bos=self.add_bos), self.end_ids, None, None
         if request.mode == CHAT:
             from qgpt_code.prompts import chat_tokens
 
-            return chat_tokens(self.loaded.info, self.tokenizer, request.dialog()), self.end_ids, None
+            return chat_tokens(self.loaded.info, self.tokenizer, request.dialog()), self.end_ids, None, None
         from qgpt_code.prompts import ContextOptions, completion_prompt
 
         budget = infill_budget(self.engine.max_seq_len, request.max_tokens)
         prompt = completion_prompt(self.tokenizer, request.prefix, request.suffix,
-                                   options=ContextOptions(budget=budget))
-        return prompt.tokens, tuple(dict.fromkeys(prompt.stop_ids + self.end_ids)), prompt.postprocess
+                                   language_id=request.language_id, options=ContextOptions(budget=budget))
+        # the language server's generation exactly: its stop ids, its early stop, its trimming
+        return (prompt.tokens, tuple(dict.fromkeys(prompt.stop_ids + self.end_ids)), prompt.postprocess,
+                prompt.stop_when)
 
     def close(self) -> None:
         self.engine.close()
@@ -177,7 +181,7 @@ class HTTPBackend:
         sampling = {"temperature": request.temperature, "top_p": request.top_p, "seed": request.seed}
         if request.mode == INFILL:
             body = {"input_prefix": request.prefix, "input_suffix": request.suffix, "prompt": "",
-                    "n_predict": request.max_tokens, "stream": True, **sampling}
+                    "language": request.language_id, "n_predict": request.max_tokens, "stream": True, **sampling}
             return self._infill(body)
         body = {"model": self.model, "max_tokens": request.max_tokens, **sampling, "n": 1}
         if request.stop:

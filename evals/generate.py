@@ -40,7 +40,7 @@ from qgpt_code.evals.samples import SampleWriter, completed_samples
 
 SAMPLES_FILE = "samples.jsonl"
 RUN_FILE = "run.json"
-PROMPT_VERSION = 1  # bump when prompts or post-processing change, so old runs are not resumed into new ones
+PROMPT_VERSION = 2  # bump when prompts or post-processing change, so old runs are not resumed into new ones
 
 
 class RunMismatchError(QGPTError):

@@ -39,6 +39,7 @@ CHAT_INSTRUCTION = (
 CHAT_STOPS = ("```\n\n",)
 
 SEED_SPACE = 2**31
+LANGUAGE = "python"  # HumanEval's, as an editor's language id
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class GenerationRequest:
     messages: tuple[tuple[str, str], ...] = ()  # chat: (role, content) pairs
     prefix: str = ""  # infill: text before the cursor
     suffix: str = ""  # infill: text after the cursor
+    language_id: str = ""  # infill: the document's language, as the editor names it (HumanEval: python)
 
     def dialog(self) -> list[dict[str, str]]:
         return [{"role": role, "content": content} for role, content in self.messages]
@@ -72,7 +74,8 @@ class Generation:
     completion_tokens: int = 0
     seconds: float = 0.0  # from the request's submission to its last token (latency as an editor sees it)
     error: str | None = None  # the request could not run (say the prompt is too long): scored as failed
-    postprocess: Callable[[str], str] | None = field(default=None, repr=False)  # infill: the editor's trimming
+    # infill: the editor's trimming, given the text and whether it ran out of tokens
+    postprocess: Callable[[str, bool], str] | None = field(default=None, repr=False)
 
 
 def sample_seed(base_seed: int, task_id: str, index: int) -> int:
@@ -112,7 +115,8 @@ def make_request(
     if mode == INFILL:
         prefix, suffix = editor_view(problem)
         stop = ("\n",) if single_line(suffix) else ()  # as the language server asks (never, for these tasks)
-        return GenerationRequest(problem.task_id, index, mode, stop=stop, prefix=prefix, suffix=suffix, **sampling)
+        return GenerationRequest(problem.task_id, index, mode, stop=stop, prefix=prefix, suffix=suffix,
+                                 language_id=LANGUAGE, **sampling)
     raise ValueError(f"unknown mode {mode!r}")
 
 
@@ -126,10 +130,11 @@ def completion_of(problem: Problem, request: GenerationRequest, generation: Gene
     if request.mode == CHAT:
         return sanitize_reply(text, problem.prompt, problem.entry_point)
     postprocess = generation.postprocess or _editor_postprocess(request)
-    return postprocess(text) + "\n"
+    return postprocess(text, generation.finish_reason == "length") + "\n"
 
 
-def _editor_postprocess(request: GenerationRequest) -> Callable[[str], str]:
+def _editor_postprocess(request: GenerationRequest) -> Callable[[str, bool], str]:
     from qgpt_code.prompts import postprocess_completion
 
-    return lambda text: postprocess_completion(text, request.prefix, request.suffix)
+    return lambda text, truncated: postprocess_completion(text, request.prefix, request.suffix,
+                                                          language_id=request.language_id, truncated=truncated)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 from qgpt_code.errors import QGPTError
-from qgpt_code.prompts import ContextFile, EditRequest, Message
+from qgpt_code.prompts import ContextFile, EditRequest, Message, postprocess_completion
 
 from qgpt_code.lsp.settings import Settings
 
@@ -108,6 +108,14 @@ def finish(record: GenerationRecord, finish_reason: str | None = None) -> None:
     record.seconds = time.monotonic() - record.started_at
     if finish_reason is not None:
         record.finish_reason = finish_reason
+
+
+def postprocess(text: str, request: CompletionInput, finish_reason: str) -> str:
+    """The editor's trimming of a completion, the same call in both backends: over the whole document's
+    text (the rules read only the lines near the cursor), so it does not depend on where a backend's
+    prompt windows begin; `finish_reason` "length" means the last line may be unfinished."""
+    return postprocess_completion(text, request.prefix, request.suffix, language_id=request.language_id,
+                                  path=request.path, truncated=finish_reason == "length")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,15 @@ import sys
 from typing import Sequence
 
 from qgpt_code.errors import QGPTError
-from qgpt_code.prompts import ContextOptions, EditRequest, Message, chat_tokens, completion_prompt, edit_tokens
+from qgpt_code.prompts import (
+    ContextOptions,
+    EditRequest,
+    Message,
+    chat_tokens,
+    completion_budget,
+    completion_prompt,
+    edit_tokens,
+)
 
 from qgpt_code.lsp.backend import (
     BackendError,
@@ -23,6 +31,7 @@ from qgpt_code.lsp.backend import (
     OnTokens,
     Progress,
     finish,
+    postprocess,
 )
 from qgpt_code.lsp.settings import Settings
 
@@ -76,28 +85,26 @@ class EngineBackend:
         return engine
 
     # -- generation ------------------------------------------------------------------------------
-    def _room(self, budget: int, max_new_tokens: int) -> int:
-        """Prompt tokens allowed: the budget, less what the completion needs in the context window."""
-        return min(budget, self.engine.max_seq_len - max_new_tokens - 1)
-
     async def complete(self, request: CompletionInput, settings: Settings) -> Generation:
         from qgpt_code.generation import SamplingParams
 
-        max_new = min(settings.max_tokens, self.engine.max_seq_len // 2)
-        options = ContextOptions(budget=self._room(settings.context_budget, max_new))
+        context = self.engine.max_seq_len
+        max_new = min(settings.max_tokens, context // 2)
+        options = ContextOptions(budget=completion_budget(context, settings.context_budget, max_new))
         # tokenizing the windows takes milliseconds: off the event loop, which keeps reading messages
         prompt = await asyncio.to_thread(
             completion_prompt, self.engine.tokenizer, request.prefix, request.suffix, path=request.path,
             language_id=request.language_id, other_files=request.other_files, options=options)
         params = SamplingParams(max_new_tokens=max_new, temperature=settings.temperature, top_p=settings.top_p,
-                                stop=("\n",) if prompt.single_line else (), stop_ids=prompt.stop_ids)
+                                stop=("\n",) if prompt.single_line else (), stop_ids=prompt.stop_ids,
+                                stop_when=prompt.stop_when)  # ends a multi-line completion once its block is done
         raw = await self._generate("complete", prompt.tokens, params, settings)
-        return Generation(prompt.postprocess(raw.text), raw.finish_reason)
+        return Generation(postprocess(raw.text, request, raw.finish_reason), raw.finish_reason)
 
     async def edit(self, request: EditRequest, settings: Settings, on_tokens: OnTokens) -> Generation:
         max_new = min(settings.edit_max_tokens, self.engine.max_seq_len // 2)
         tokens = edit_tokens(self.loaded.info, self.engine.tokenizer, request,
-                             self._room(settings.edit_budget, max_new))
+                             completion_budget(self.engine.max_seq_len, settings.edit_budget, max_new))
         return await self._generate("edit", tokens, self._chat_params(settings, max_new), settings, on_tokens)
 
     async def chat(self, dialog: Sequence[Message], settings: Settings, on_tokens: OnTokens) -> Generation:
@@ -155,3 +162,4 @@ class EngineBackend:
         """Close the engine (its thread finishes the step it is in, then ends), whatever state it is in."""
         if self._made is not None:
             self._made.close()
+

@@ -14,7 +14,7 @@ import asyncio
 import json
 from typing import AsyncIterator, Sequence
 
-from qgpt_code.prompts import EditRequest, Message, edit_dialog_within, estimate_tokens, postprocess_completion
+from qgpt_code.prompts import EditRequest, Message, edit_dialog_within, estimate_tokens
 
 from qgpt_code.lsp.backend import (
     BackendError,
@@ -25,6 +25,7 @@ from qgpt_code.lsp.backend import (
     OnTokens,
     Progress,
     finish,
+    postprocess,
 )
 from qgpt_code.lsp.documents import rest_of_line
 from qgpt_code.lsp.settings import Settings
@@ -68,22 +69,10 @@ class HttpBackend:
 
     # -- generation ------------------------------------------------------------------------------
     async def complete(self, request: CompletionInput, settings: Settings) -> Generation:
-        single_line = bool(rest_of_line(request.suffix).strip())
-        body = {
-            "input_prefix": request.prefix[-MAX_CONTEXT_CHARS:],
-            "input_suffix": request.suffix[:MAX_CONTEXT_CHARS],
-            "input_extra": [{"filename": f.path, "text": f.text[:MAX_CONTEXT_CHARS]} for f in request.other_files],
-            "n_predict": settings.max_tokens,
-            "temperature": settings.temperature,
-            "top_p": settings.top_p,
-            "stream": True,
-        }
-        if single_line:
-            body["stop"] = ["\n"]
         record = self.log.start("complete")
-        text = await self._stream("/infill", body, record, _infill_piece)
-        # the server windows the prompt; post-processing only looks at the lines nearest the cursor
-        return Generation(postprocess_completion(text, request.prefix, request.suffix), record.finish_reason)
+        text = await self._stream("/infill", infill_body(request, settings), record, _infill_piece)
+        # the raw text, trimmed here exactly as in process (the server stops it early with the same rule)
+        return Generation(postprocess(text, request, record.finish_reason), record.finish_reason)
 
     async def edit(self, request: EditRequest, settings: Settings, on_tokens: OnTokens) -> Generation:
         dialog = edit_dialog_within(request, estimate_tokens, settings.edit_budget)
@@ -157,6 +146,32 @@ class HttpBackend:
         """Nothing runs here: the server cancels a generation when its connection closes with the process."""
 
 
+def infill_body(request: CompletionInput, settings: Settings) -> dict:
+    """The /infill request for a completion: the server builds the in-process backend's prompt from it.
+
+    The whole text before the cursor goes in `input_prefix` (`prompt`, which llama.vim uses for the
+    cursor's line, stays empty), `path` and `language` (our extensions) are what the in-process backend
+    passes to `completion_prompt`, each other file carries its `language` too, and the budget follows
+    from `n_predict` as in process (`prompts.completion_budget`; the server's `--infill-budget` stands for
+    the `contextBudget` setting, both 2,048 by default)."""
+    body = {
+        "input_prefix": request.prefix[-MAX_CONTEXT_CHARS:],
+        "input_suffix": request.suffix[:MAX_CONTEXT_CHARS],
+        "prompt": "",
+        "input_extra": [{"filename": f.path, "text": f.text[:MAX_CONTEXT_CHARS], "language": f.language_id}
+                        for f in request.other_files],
+        "path": request.path,
+        "language": request.language_id,
+        "n_predict": settings.max_tokens,
+        "temperature": settings.temperature,
+        "top_p": settings.top_p,
+        "stream": True,
+    }
+    if rest_of_line(request.suffix).strip():  # one line: stop at its end, as in process
+        body["stop"] = ["\n"]
+    return body
+
+
 async def _sse(lines: AsyncIterator[str]) -> AsyncIterator[dict]:
     async for line in lines:
         if not line.startswith("data:"):
@@ -173,7 +188,7 @@ async def _sse(lines: AsyncIterator[str]) -> AsyncIterator[dict]:
 def _infill_piece(chunk: dict, record: GenerationRecord) -> tuple[str, bool]:
     """llama.cpp's /infill stream: {"content", "stop": false} chunks, then one with "stop": true and totals."""
     if chunk.get("stop"):
-        record.finish_reason = chunk.get("finish_reason") or "stop"
+        record.finish_reason = chunk.get("finish_reason") or ("length" if chunk.get("stop_type") == "limit" else "stop")
         record.prompt_tokens = chunk.get("tokens_evaluated", 0)
         record.cached_tokens = chunk.get("tokens_cached", 0)
         return chunk.get("content", ""), True

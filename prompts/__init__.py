@@ -21,6 +21,7 @@ from qgpt_code.prompts.context import (
     CompletionPrompt,
     ContextFile,
     ContextOptions,
+    completion_budget,
     completion_prompt,
     completion_prompt_at,
 )
@@ -47,7 +48,7 @@ from qgpt_code.prompts.postprocess import postprocess_completion
 __all__ = [
     "ChatModelInfo", "ChatTemplateError", "CompletionPrompt", "ContextFile", "ContextOptions", "DialogError",
     "EditReply", "EditRequest", "InfillUnsupportedError", "Message", "NO_CODE_MESSAGE", "chat_tokens",
-    "completion_prompt", "completion_prompt_at", "decode_without_leading_space", "dialog_tokens", "edit_dialog",
+    "completion_budget", "completion_prompt", "completion_prompt_at", "decode_without_leading_space", "dialog_tokens", "edit_dialog",
     "edit_dialog_within", "edit_request_at", "edit_tokens", "estimate_tokens", "extract_code", "infill_stop_id",
     "infill_tokens", "offset_at", "parse_edit_reply", "position_at", "postprocess_completion",
     "render_chat_template", "split_at", "split_at_range", "supports_infill",

@@ -143,6 +143,15 @@ def completion_prompt(
         excess += len(prompt.tokens) - options.budget
 
 
+def completion_budget(context: int, budget: int, max_new_tokens: int) -> int:
+    """Prompt tokens an editor completion may take: at most `budget`, leaving room in a `context`-token
+    sequence for the completion's `max_new_tokens` (counted as at most half the context, and at least
+    one token, since a prompt must be shorter than the context). The language server's in-process
+    backend, `qgpt serve`'s /infill and the evals all size prompts with this, so the same request gives
+    the same prompt everywhere."""
+    return min(budget, context - max(1, min(max_new_tokens, context // 2)))
+
+
 def starts_with_bos(tokenizer: Tokenizer) -> bool:
     """Whether a plain prompt begins with BOS: Llama vocabularies always; GGUF tokenizers carry the
     file's `add_bos_token` as `add_bos` (SmolLM2 says no)."""

@@ -116,24 +116,52 @@ async def client(served):
     await stop_client(client)
 
 
-def infill_body(before: str, after: str, **extra) -> dict:
-    return {"input_prefix": before, "input_suffix": after, "n_predict": 16, "temperature": 0, "top_p": 0.95, **extra}
+async def in_process_completion(engine, prefix: str, suffix: str, path: str, language: str) -> str:
+    """What the in-process backend (lsp/engine_backend.py) suggests, on the engine behind the server."""
+    from qgpt_code.lsp.backend import CompletionInput
+    from qgpt_code.lsp.engine_backend import EngineBackend
+    from qgpt_code.lsp.settings import Settings
+
+    backend = EngineBackend(options=None)
+    backend.engine, backend.loaded = engine, engine.loaded
+    settings = Settings(temperature=0, max_tokens=16, other_files=0)
+    return (await backend.complete(CompletionInput(prefix, suffix, path, language), settings)).text
 
 
-async def test_inline_completion_is_the_servers_infill(client, served):
+@pytest.mark.parametrize(("line", "character"), [(3, 18), (2, 4), (4, 0)])
+async def test_inline_completion_is_the_in_process_backends(client, served, line, character):
+    """One prompt path (issue 18): the server builds the in-process prompt from the /infill fields the
+    language server sends (path and language included), so at temperature 0 both give the same text."""
+    from qgpt_code.prompts import split_at
+
     uri = "file:///work/http_shop.py"
     open_document(client, uri, CODE)
-    cut = CODE.index("+= ") + 3
     submitted = served.engine.stats().requests_submitted
-    result = await inline(client, uri, 3, 18)
+    result = await inline(client, uri, line, character)
     assert served.engine.stats().requests_submitted == submitted + 1
-    expected = (await asyncio.to_thread(served.post, "/infill", infill_body(CODE[:cut], CODE[cut:])))["content"]
-    assert expected.strip(), "the tiny model infills something here"
+    prefix, suffix = split_at(CODE, line, character)
+    expected = await in_process_completion(served.engine, prefix, suffix, "/work/http_shop.py", "python")
+    assert expected.strip(), "the tiny model suggests something here"
     assert [item.insert_text for item in result.items] == [expected]
     record = (await stats(client))["recent"][-1]
     assert record["kind"] == "complete" and record["finish_reason"] in ("stop", "length")
     assert record["prompt_tokens"] > 0
     close_document(client, uri)
+
+
+def test_the_infill_body_carries_what_the_prompt_is_built_from():
+    from qgpt_code.lsp.backend import CompletionInput
+    from qgpt_code.lsp.http_backend import infill_body
+    from qgpt_code.lsp.settings import Settings
+    from qgpt_code.prompts import ContextFile
+
+    request = CompletionInput("def f():\n    ", "\n", "/w/a.py", "python", (ContextFile("/w/b.rs", "fn b() {}", "rust"),))
+    body = infill_body(request, Settings(temperature=0, max_tokens=32))
+    assert body["input_prefix"] == request.prefix and body["prompt"] == "" and body["input_suffix"] == "\n"
+    assert (body["path"], body["language"], body["n_predict"], body["temperature"]) == ("/w/a.py", "python", 32, 0)
+    assert body["input_extra"] == [{"filename": "/w/b.rs", "text": "fn b() {}", "language": "rust"}]
+    assert "stop" not in body  # a multi-line completion: the server's early stop ends it
+    assert infill_body(CompletionInput("f(", ")\n"), Settings())["stop"] == ["\n"]
 
 
 async def test_ten_rapid_edits_reach_the_server_once(client, served):
