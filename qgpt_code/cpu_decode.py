@@ -1,7 +1,8 @@
 """The float32 decode step on the CPU with its small operations fused into C (cpu_kernels.c).
 
-Per layer it makes four matrix products (PyTorch's BLAS into preallocated buffers, or the C int8
-kernel for weight-only int8 layers) and three kernel calls (norm with the residual add, attention
+Per layer it makes four matrix products (PyTorch's BLAS into preallocated buffers, the C kernels for
+weights kept in GGUF's blocks (quant_blocks.py), or the C int8 kernel for weight-only int8 layers)
+and three kernel calls (norm with the residual add, attention
 with rotary and the cache write, SwiGLU) instead of some forty PyTorch operations, whose dispatch
 cost as much as the arithmetic they do. Attention reads and writes the paged cache in place,
 through each sequence's block table. The math is model.py's, in float32; tests hold the two to the
@@ -19,19 +20,22 @@ from torch import nn
 
 from qgpt_code.kv_cache import KVCache
 from qgpt_code.model import Transformer, projections_of
+from qgpt_code.quant_blocks import BlockQuantLinear, FORMAT_IDS
 from qgpt_code.quantize import Int8Linear
 
 
 def _fusable(module: nn.Module) -> bool:
     if type(module) is nn.Linear:
         return module.bias is None and module.weight.dtype == torch.float32
+    if isinstance(module, BlockQuantLinear):
+        return True
     return (isinstance(module, Int8Linear) and module.weight.is_contiguous()
             and module.scales.dtype == torch.float32 and module.scales.is_contiguous())
 
 
 def supports(model: Transformer, cache: KVCache) -> bool:
     """Whether the fused step can run this model: float32 on the CPU, its linear layers float32
-    (BLAS) or weight-only int8 (row-major, float32 scales: the int8 kernel)."""
+    (BLAS), kept in blocks (the block kernels) or weight-only int8 (row-major, float32 scales: the int8 kernel)."""
     weights = model.tok_embeddings.weight
     return (
         weights.device.type == "cpu"
@@ -62,7 +66,31 @@ class Int8Projection:
         return out
 
 
-def projection(module: nn.Module, kernels: ctypes.CDLL) -> FloatProjection | Int8Projection:
+class BlockProjection:
+    """The same product for a BlockQuantLinear, through the block kernels (one call per part, each
+    writing its columns of `out`): the blocks are read as stored."""
+
+    def __init__(self, module: BlockQuantLinear, kernels: ctypes.CDLL):
+        self.kernel = kernels.quant_matmul
+        self.parts = [(FORMAT_IDS[p.fmt], p.data.data_ptr(), p.cols, p.rows) for p in module.parts()]
+        self.buffers = [p.data for p in module.parts()]  # keeps the addresses above alive
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        batch, width = x.shape[0], out.shape[1]
+        x_ptr, column = x.data_ptr(), out.data_ptr()
+        for fmt, blocks, cols, rows in self.parts:
+            if self.kernel(fmt, blocks, x_ptr, column, batch, cols, rows, width, -1) != 0:
+                raise RuntimeError("the block kernel refused its arguments")
+            column += 4 * rows  # float32 columns
+        return out
+
+
+Projection = FloatProjection | Int8Projection | BlockProjection
+
+
+def projection(module: nn.Module, kernels: ctypes.CDLL) -> Projection:
+    if isinstance(module, BlockQuantLinear):
+        return BlockProjection(module, kernels)
     return Int8Projection(module, kernels) if isinstance(module, Int8Linear) else FloatProjection(module.weight)
 
 
@@ -70,10 +98,10 @@ def projection(module: nn.Module, kernels: ctypes.CDLL) -> FloatProjection | Int
 class LayerWeights:
     """One layer's four projections and the addresses of its norm weights (dim,)."""
 
-    wqkv: FloatProjection | Int8Projection
-    wo: FloatProjection | Int8Projection
-    w13: FloatProjection | Int8Projection
-    w2: FloatProjection | Int8Projection
+    wqkv: Projection
+    wo: Projection
+    w13: Projection
+    w2: Projection
     attention_norm: int
     ffn_norm: int
 

@@ -20,6 +20,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -390,4 +391,392 @@ void decode_attention(const float *qkv, float *keys, float *values, const float 
             weigh_values(scores, group, &v, length, out + (b * n_heads + g * group) * head_dim);
         }
     }
+}
+
+/* ---- Block-quantized weights: GGUF's Q4_0, Q4_1 and Q8_0, read as stored -------------------------
+ *
+ * A row of weights is a run of blocks of 32 values (ggml's layouts, as GGUF files store them):
+ *   Q4_0 (18 bytes): fp16 d, 16 bytes of 4-bit q;  w = (q - 8) * d
+ *   Q4_1 (20 bytes): fp16 d, fp16 m, 16 bytes;      w = q * d + m
+ *   Q8_0 (34 bytes): fp16 d, 32 int8 q;             w = q * d
+ * In a 4-bit block, byte j holds value j in its low nibble and value j + 16 in its high one.
+ *
+ * Decoding reads every weight once per token, so reading 4.5-8.5 bits per weight instead of 32 is
+ * the whole point. quant_matmul multiplies such rows by activations that it first quantizes per
+ * block of 32 to integers qx on a float step dx, with the block's sum sx = dx * sum(qx) (llama.cpp's
+ * Q8_1): a block's contribution is then one integer dot product and two multiply-adds,
+ *   dw * dx * sum(qw * qx) + mw * sx      (mw = m for Q4_1, -8 * dw for Q4_0, 0 for Q8_0)
+ * with qw the stored nibbles (0..15) or int8 values. llama.cpp rounds activations to 8 bits; that
+ * moved SmolLM2's logits to a cosine of 0.998 against the float model, so here qx has 16 bits, held
+ * as two int8 planes, qx = 256 * hi + lo (hi = round(x / d) with d = max|x| / 127, lo the remainder
+ * in steps of d / 256): two integer dot products per block instead of one, cheap next to reading
+ * the weights, and the logits' cosine is 0.9999. There are three implementations, chosen at run
+ * time by what the CPU can do (or by the caller, for tests): portable C, AVX2 (one block per
+ * vector, u8 x s8 products by vpmaddubsw) and AVX-512 with VNNI (two blocks per vector, vpdpbusd).
+ * They compute the same sums in different orders: results agree to float32 rounding.
+ */
+
+#define QK 32
+enum { FMT_Q4_0 = 2, FMT_Q4_1 = 3, FMT_Q8_0 = 8 }; /* ggml's type ids (gguf.GGMLQuantizationType) */
+enum { ISA_BEST = -1, ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+
+typedef struct { uint16_t d; uint8_t qs[QK / 2]; } block_q4_0;
+typedef struct { uint16_t d, m; uint8_t qs[QK / 2]; } block_q4_1;
+typedef struct { uint16_t d; int8_t qs[QK]; } block_q8_0;
+
+_Static_assert(sizeof(block_q4_0) == 18 && sizeof(block_q4_1) == 20 && sizeof(block_q8_0) == 34, "ggml layouts");
+
+/* Bytes of one block of `fmt`; 0 for a format these kernels do not know. */
+int64_t quant_block_bytes(int64_t fmt) {
+    switch (fmt) {
+    case FMT_Q4_0: return sizeof(block_q4_0);
+    case FMT_Q4_1: return sizeof(block_q4_1);
+    case FMT_Q8_0: return sizeof(block_q8_0);
+    default: return 0;
+    }
+}
+
+static inline float half_to_float(uint16_t h) {
+    _Float16 f;
+    memcpy(&f, &h, 2);
+    return (float)f;
+}
+
+static inline uint16_t float_to_half(float x) {  /* round to nearest even, as numpy's astype(float16) */
+    const _Float16 f = (_Float16)x;
+    uint16_t h;
+    memcpy(&h, &f, 2);
+    return h;
+}
+
+/* The block's float weights; out: 32 floats. */
+static inline void dequantize_block(int64_t fmt, const uint8_t *block, float *out) {
+    if (fmt == FMT_Q8_0) {
+        const block_q8_0 *b = (const block_q8_0 *)block;
+        const float d = half_to_float(b->d);
+        for (int j = 0; j < QK; j++) out[j] = b->qs[j] * d;
+        return;
+    }
+    const uint8_t *qs = fmt == FMT_Q4_1 ? ((const block_q4_1 *)block)->qs : ((const block_q4_0 *)block)->qs;
+    const float d = half_to_float(*(const uint16_t *)block);
+    const float m = fmt == FMT_Q4_1 ? half_to_float(((const block_q4_1 *)block)->m) : -8.0f * d;
+    for (int j = 0; j < QK / 2; j++) {
+        out[j] = (qs[j] & 0x0F) * d + m;
+        out[j + QK / 2] = (qs[j] >> 4) * d + m;
+    }
+}
+
+/* out (rows, in) float32 = the weights of `rows` rows of blocks (each in / 32 blocks long). */
+void quant_dequantize(int64_t fmt, const uint8_t *w, float *out, int64_t rows, int64_t in) {
+    const int64_t nb = in / QK, bytes = quant_block_bytes(fmt);
+#pragma omp parallel for schedule(static) if (rows * in > (1 << 16))
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < nb; i++) dequantize_block(fmt, w + (r * nb + i) * bytes, out + r * in + i * QK);
+}
+
+/* Blocks of `fmt` (Q8_0, Q4_0 or Q4_1) for float rows w (rows, in), as ggml's reference quantizers
+ * make them: Q8_0 d = max|x| / 127, q = round(x / d); Q4_0 d = -(the value of largest magnitude) / 8,
+ * q = min(15, trunc(x / d + 8.5)); Q4_1 d = (max - min) / 15, m = min, q = min(15, trunc((x - min) / d + 0.5)). */
+void quant_quantize(int64_t fmt, const float *w, uint8_t *out, int64_t rows, int64_t in) {
+    const int64_t nb = in / QK, bytes = quant_block_bytes(fmt);
+#pragma omp parallel for schedule(static) if (rows * in > (1 << 16))
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t i = 0; i < nb; i++) {
+            const float *x = w + r * in + i * QK;
+            uint8_t *block = out + (r * nb + i) * bytes;
+            if (fmt == FMT_Q8_0) {
+                block_q8_0 *b = (block_q8_0 *)block;
+                float amax = 0.0f;
+                for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(x[j]));
+                const float d = amax / 127.0f, id = d ? 1.0f / d : 0.0f;
+                b->d = float_to_half(d);
+                for (int j = 0; j < QK; j++) b->qs[j] = (int8_t)roundf(x[j] * id);
+            } else if (fmt == FMT_Q4_0) {
+                block_q4_0 *b = (block_q4_0 *)block;
+                float amax = 0.0f, max = 0.0f;
+                for (int j = 0; j < QK; j++)
+                    if (fabsf(x[j]) > amax) amax = fabsf(x[j]), max = x[j];
+                const float d = max / -8.0f, id = d ? 1.0f / d : 0.0f;
+                b->d = float_to_half(d);
+                for (int j = 0; j < QK / 2; j++) {
+                    const int lo = (int)(x[j] * id + 8.5f), hi = (int)(x[j + QK / 2] * id + 8.5f);
+                    b->qs[j] = (uint8_t)((lo < 15 ? lo : 15) | (hi < 15 ? hi : 15) << 4);
+                }
+            } else {
+                block_q4_1 *b = (block_q4_1 *)block;
+                float min = x[0], max = x[0];
+                for (int j = 1; j < QK; j++) min = fminf(min, x[j]), max = fmaxf(max, x[j]);
+                const float d = (max - min) / 15.0f, id = d ? 1.0f / d : 0.0f;
+                b->d = float_to_half(d), b->m = float_to_half(min);
+                for (int j = 0; j < QK / 2; j++) {
+                    const int lo = (int)((x[j] - min) * id + 0.5f), hi = (int)((x[j + QK / 2] - min) * id + 0.5f);
+                    b->qs[j] = (uint8_t)((lo < 15 ? lo : 15) | (hi < 15 ? hi : 15) << 4);
+                }
+            }
+        }
+    }
+}
+
+/* Activations x (n_blocks * 32 floats) as 16-bit blocks in two int8 planes, x ~ (256 * hi + lo) * dx:
+ * hi = round(x / d) with d = max|x| / 127, lo = round of the remainder in steps dx = d / 256
+ * (clamped to +-127: a remainder of exactly half a step loses 1/256 of d); sx = dx * sum(256 hi + lo).
+ * Written so the compiler vectorizes it (nearbyintf: round half to even). */
+void quant_activations(const float *x, int64_t n_blocks, int8_t *hi, int8_t *lo, float *dx, float *sx) {
+    for (int64_t i = 0; i < n_blocks; i++) {
+        const float *xi = x + i * QK;
+        float amax = 0.0f;
+        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xi[j]));
+        const float d = amax / 127.0f, id = d ? 1.0f / d : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < QK; j++) {
+            const float v = xi[j] * id, h = nearbyintf(v);
+            const float l = fminf(fmaxf(nearbyintf((v - h) * 256.0f), -127.0f), 127.0f);
+            hi[i * QK + j] = (int8_t)h, lo[i * QK + j] = (int8_t)l;
+            sum += 256 * (int)h + (int)l;
+        }
+        dx[i] = d / 256.0f, sx[i] = d / 256.0f * (float)sum;
+    }
+}
+
+/* What one product needs to know about its activations: (batch, in) quantized, nb blocks per row. */
+typedef struct {
+    const int8_t *hi, *lo;
+    const float *d, *s;
+    int64_t nb, in;
+} qact;
+
+/* Per-block scale and offset of a weight block: w = qw * dw + mw (qw: nibble or int8). */
+static inline void block_scale(int64_t fmt, const uint8_t *block, float *dw, float *mw) {
+    *dw = half_to_float(*(const uint16_t *)block);
+    *mw = fmt == FMT_Q4_1 ? half_to_float(((const block_q4_1 *)block)->m) : fmt == FMT_Q4_0 ? -8.0f * *dw : 0.0f;
+}
+
+static inline const uint8_t *block_quants(int64_t fmt, const uint8_t *block) {
+    return block + (fmt == FMT_Q4_1 ? 4 : 2);
+}
+
+/* y[b * ldy + o] for rows o in [o0, o1) and all b < batch, in portable C. */
+static void qrows_portable(int64_t fmt, const uint8_t *w, int64_t row_bytes, const qact *a, int64_t batch,
+                           float *y, int64_t ldy, int64_t o0, int64_t o1) {
+    const int64_t bytes = quant_block_bytes(fmt);
+    for (int64_t o = o0; o < o1; o++) {
+        const uint8_t *row = w + o * row_bytes;
+        for (int64_t b = 0; b < batch; b++) {
+            float acc = 0.0f;
+            for (int64_t i = 0; i < a->nb; i++) {
+                const uint8_t *block = row + i * bytes, *qs = block_quants(fmt, block);
+                const int8_t *hi = a->hi + b * a->in + i * QK, *lo = a->lo + b * a->in + i * QK;
+                float dw, mw;
+                block_scale(fmt, block, &dw, &mw);
+                int32_t sum_hi = 0, sum_lo = 0;
+                if (fmt == FMT_Q8_0) {
+                    /* int8 through an int8_t pointer: GCC 12 at -march=native (VNNI) vectorized
+                     * (int8_t)qs[j] * x[j] into wrong sums, caught by tests/test_cpu_quant.py */
+                    const int8_t *qw = (const int8_t *)qs;
+                    for (int j = 0; j < QK; j++) sum_hi += qw[j] * hi[j], sum_lo += qw[j] * lo[j];
+                } else {
+                    for (int j = 0; j < QK / 2; j++) {
+                        sum_hi += (qs[j] & 0x0F) * hi[j] + (qs[j] >> 4) * hi[j + QK / 2];
+                        sum_lo += (qs[j] & 0x0F) * lo[j] + (qs[j] >> 4) * lo[j + QK / 2];
+                    }
+                }
+                acc += dw * a->d[b * a->nb + i] * (float)(256 * sum_hi + sum_lo) + mw * a->s[b * a->nb + i];
+            }
+            y[b * ldy + o] = acc;
+        }
+    }
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define TARGET_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+#define INLINE static inline __attribute__((always_inline))
+#define MAX_TILE 8 /* batch rows per pass over a weight row */
+
+/* A block's 32 weights as bytes in value order: the nibbles (0..15), or the int8 values. */
+INLINE TARGET_AVX2 __m256i load_weights_avx2(int64_t fmt, const uint8_t *qs) {
+    if (fmt == FMT_Q8_0) return _mm256_loadu_si256((const __m256i *)qs);
+    const __m128i raw = _mm_loadu_si128((const __m128i *)qs);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
+}
+
+INLINE TARGET_AVX2 float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* One weight row against `tile` batch rows (a constant where inlined): one block per step; the
+ * unpacked block is used by every batch row while it sits in a register. */
+INLINE TARGET_AVX2 void qrow_avx2(int64_t fmt, const uint8_t *row, const qact *a, float *y, int64_t ldy,
+                                  const int tile) {
+    const int64_t bytes = quant_block_bytes(fmt);
+    __m256 acc[MAX_TILE];
+    float offset[MAX_TILE];
+    for (int b = 0; b < tile; b++) acc[b] = _mm256_setzero_ps(), offset[b] = 0.0f;
+    for (int64_t i = 0; i < a->nb; i++) {
+        const uint8_t *block = row + i * bytes;
+        float dw, mw;
+        block_scale(fmt, block, &dw, &mw);
+        __m256i w = load_weights_avx2(fmt, block_quants(fmt, block));
+        const __m256i signs = w;  /* Q8_0: maddubs wants unsigned weights, so |w| times x with w's sign */
+        if (fmt == FMT_Q8_0) w = _mm256_sign_epi8(w, w);
+        for (int b = 0; b < tile; b++) {
+            __m256i hi = _mm256_loadu_si256((const __m256i *)(a->hi + b * a->in + i * QK));
+            __m256i lo = _mm256_loadu_si256((const __m256i *)(a->lo + b * a->in + i * QK));
+            if (fmt == FMT_Q8_0) hi = _mm256_sign_epi8(hi, signs), lo = _mm256_sign_epi8(lo, signs);
+            /* pairs of products (int16), summed into int32 with weights 256 (hi) and 1 (lo) */
+            const __m256i sums = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(w, hi), _mm256_set1_epi16(256)),
+                                                  _mm256_madd_epi16(_mm256_maddubs_epi16(w, lo), _mm256_set1_epi16(1)));
+            acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(dw * a->d[b * a->nb + i]), acc[b]);
+            if (fmt != FMT_Q8_0) offset[b] += mw * a->s[b * a->nb + i];
+        }
+    }
+    for (int b = 0; b < tile; b++) y[b * ldy] = sum8(acc[b]) + offset[b];
+}
+
+#define AVX2_TILE 4 /* 4 accumulators + the block + temporaries fit AVX2's 16 registers */
+
+static TARGET_AVX2 void qrows_avx2(int64_t fmt, const uint8_t *w, int64_t row_bytes, const qact *a, int64_t batch,
+                                   float *y, int64_t ldy, int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; o++)
+        for (int64_t b = 0; b < batch; b += AVX2_TILE) {
+            const qact ab = {a->hi + b * a->in, a->lo + b * a->in, a->d + b * a->nb, a->s + b * a->nb, a->nb, a->in};
+            const uint8_t *row = w + o * row_bytes;
+            float *yb = y + b * ldy + o;
+            const int64_t n = batch - b;
+#define CASE(f, t) if (fmt == f && n == t) { qrow_avx2(f, row, &ab, yb, ldy, t); continue; }
+#define TILES(f) CASE(f, 1) CASE(f, 2) CASE(f, 3) if (fmt == f) { qrow_avx2(f, row, &ab, yb, ldy, AVX2_TILE); continue; }
+            TILES(FMT_Q4_0) TILES(FMT_Q4_1) TILES(FMT_Q8_0)
+#undef TILES
+#undef CASE
+        }
+}
+
+/* Two blocks' 64 weights in value order, one block per 256-bit half. */
+INLINE TARGET_AVX512 __m512i load_weights_avx512(int64_t fmt, const uint8_t *qs0, const uint8_t *qs1) {
+    if (fmt == FMT_Q8_0)
+        return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)qs0)),
+                                  _mm256_loadu_si256((const __m256i *)qs1), 1);
+    const __m256i raw = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)qs1), _mm_loadu_si128((const __m128i *)qs0));
+    /* lanes of 16 bytes: [low nibbles 0, low 1, high 0, high 1] -> [low 0, high 0, low 1, high 1] */
+    const __m512i nibbles = _mm512_and_si512(
+        _mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1), _mm512_set1_epi8(0x0F));
+    return _mm512_shuffle_i64x2(nibbles, nibbles, _MM_SHUFFLE(3, 1, 2, 0));
+}
+
+/* As qrow_avx2, two blocks per step (a last odd block in 256 bits). */
+INLINE TARGET_AVX512 void qrow_avx512(int64_t fmt, const uint8_t *row, const qact *a, float *y, int64_t ldy,
+                                      const int tile) {
+    const int64_t bytes = quant_block_bytes(fmt);
+    __m512 acc[MAX_TILE];
+    float offset[MAX_TILE];
+    for (int b = 0; b < tile; b++) acc[b] = _mm512_setzero_ps(), offset[b] = 0.0f;
+    int64_t i = 0;
+    for (; i + 2 <= a->nb; i += 2) {
+        const uint8_t *b0 = row + i * bytes, *b1 = b0 + bytes;
+        float dw0, mw0, dw1, mw1;
+        block_scale(fmt, b0, &dw0, &mw0);
+        block_scale(fmt, b1, &dw1, &mw1);
+        __m512i w = load_weights_avx512(fmt, block_quants(fmt, b0), block_quants(fmt, b1));
+        __mmask64 negative = 0;
+        if (fmt == FMT_Q8_0) negative = _mm512_movepi8_mask(w), w = _mm512_abs_epi8(w);
+        for (int b = 0; b < tile; b++) {
+            const int64_t k = b * a->nb + i;
+            __m512i hi = _mm512_loadu_si512((const void *)(a->hi + b * a->in + i * QK));
+            __m512i lo = _mm512_loadu_si512((const void *)(a->lo + b * a->in + i * QK));
+            if (fmt == FMT_Q8_0) {
+                hi = _mm512_mask_sub_epi8(hi, negative, _mm512_setzero_si512(), hi);
+                lo = _mm512_mask_sub_epi8(lo, negative, _mm512_setzero_si512(), lo);
+            }
+            const __m512i sums = _mm512_dpbusd_epi32(
+                _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, hi), 8), w, lo);  /* 256 hi + lo */
+            const __m512 scale = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(dw0 * a->d[k]), _mm512_set1_ps(dw1 * a->d[k + 1]));
+            acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc[b]);
+            if (fmt != FMT_Q8_0) offset[b] += mw0 * a->s[k] + mw1 * a->s[k + 1];
+        }
+    }
+    if (i < a->nb) {
+        const uint8_t *block = row + i * bytes;
+        float dw, mw;
+        block_scale(fmt, block, &dw, &mw);
+        __m256i w = load_weights_avx2(fmt, block_quants(fmt, block));
+        const __m256i signs = w;
+        if (fmt == FMT_Q8_0) w = _mm256_sign_epi8(w, w);
+        for (int b = 0; b < tile; b++) {
+            __m256i hi = _mm256_loadu_si256((const __m256i *)(a->hi + b * a->in + i * QK));
+            __m256i lo = _mm256_loadu_si256((const __m256i *)(a->lo + b * a->in + i * QK));
+            if (fmt == FMT_Q8_0) hi = _mm256_sign_epi8(hi, signs), lo = _mm256_sign_epi8(lo, signs);
+            const __m256i sums = _mm256_dpbusd_epi32(
+                _mm256_slli_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w, hi), 8), w, lo);
+            const __m512 part = _mm512_castps256_ps512(_mm256_mul_ps(_mm256_cvtepi32_ps(sums),
+                                                                     _mm256_set1_ps(dw * a->d[b * a->nb + i])));
+            acc[b] = _mm512_add_ps(acc[b], _mm512_maskz_mov_ps(0x00FF, part));
+            if (fmt != FMT_Q8_0) offset[b] += mw * a->s[b * a->nb + i];
+        }
+    }
+    for (int b = 0; b < tile; b++) y[b * ldy] = _mm512_reduce_add_ps(acc[b]) + offset[b];
+}
+
+static TARGET_AVX512 void qrows_avx512(int64_t fmt, const uint8_t *w, int64_t row_bytes, const qact *a,
+                                       int64_t batch, float *y, int64_t ldy, int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; o++)
+        for (int64_t b = 0; b < batch; b += MAX_TILE) {
+            const qact ab = {a->hi + b * a->in, a->lo + b * a->in, a->d + b * a->nb, a->s + b * a->nb, a->nb, a->in};
+            const uint8_t *row = w + o * row_bytes;
+            float *yb = y + b * ldy + o;
+            const int64_t n = batch - b;
+#define CASE(f, t) if (fmt == f && n == t) { qrow_avx512(f, row, &ab, yb, ldy, t); continue; }
+#define TILES(f) CASE(f, 1) CASE(f, 2) CASE(f, 3) CASE(f, 4) CASE(f, 5) CASE(f, 6) CASE(f, 7) \
+                 if (fmt == f) { qrow_avx512(f, row, &ab, yb, ldy, MAX_TILE); continue; }
+            TILES(FMT_Q4_0) TILES(FMT_Q4_1) TILES(FMT_Q8_0)
+#undef TILES
+#undef CASE
+        }
+}
+
+int64_t quant_best_isa(void) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+        __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+        return ISA_AVX512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+        return ISA_AVX2;
+    return ISA_PORTABLE;
+}
+#else
+int64_t quant_best_isa(void) { return ISA_PORTABLE; }
+#endif
+
+#define ROWS_PER_TASK 16
+
+/* y[b * ldy + o] = sum_k x[b, k] * W[o, k] for the block-quantized W (out, in): x (batch, in) float32,
+ * in a multiple of 32; y's rows are ldy floats apart (a slice of a wider output). isa: ISA_BEST or
+ * one this CPU has (quant_best_isa() or below). Returns 0, or -1 for an unknown format or an ISA
+ * the CPU lacks (nothing written). */
+int64_t quant_matmul(int64_t fmt, const uint8_t *w, const float *x, float *y, int64_t batch, int64_t in,
+                     int64_t out, int64_t ldy, int64_t isa) {
+    const int64_t best = quant_best_isa(), bytes = quant_block_bytes(fmt), nb = in / QK;
+    if (isa == ISA_BEST) isa = best;
+    if (!bytes || isa < ISA_PORTABLE || isa > best || in % QK) return -1;
+    int8_t *q = malloc(2 * batch * in + 64);
+    float *scales = malloc(2 * batch * nb * sizeof(float) + 64);
+    if (!q || !scales) { free(q); free(scales); return -1; }
+    quant_activations(x, batch * nb, q, q + batch * in, scales, scales + batch * nb);
+    const qact a = {q, q + batch * in, scales, scales + batch * nb, nb, in};
+    const int64_t row_bytes = nb * bytes, tasks = (out + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+#pragma omp parallel for schedule(static) if (out * in * batch > (1 << 15))
+    for (int64_t t = 0; t < tasks; t++) {
+        const int64_t o0 = t * ROWS_PER_TASK, o1 = o0 + ROWS_PER_TASK < out ? o0 + ROWS_PER_TASK : out;
+#if defined(__x86_64__) || defined(__i386__)
+        if (isa == ISA_AVX512) { qrows_avx512(fmt, w, row_bytes, &a, batch, y, ldy, o0, o1); continue; }
+        if (isa == ISA_AVX2) { qrows_avx2(fmt, w, row_bytes, &a, batch, y, ldy, o0, o1); continue; }
+#endif
+        qrows_portable(fmt, w, row_bytes, &a, batch, y, ldy, o0, o1);
+    }
+    free(q);
+    free(scales);
+    return 0;
 }

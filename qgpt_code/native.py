@@ -30,7 +30,15 @@ SIGNATURES = {
     # qkv, keys, values, rope, tables, table_width, positions, out, scratch, then the sizes
     "decode_attention": [_pointer] * 5 + [_int64] + [_pointer] * 3 + [_int64] * 6,
     "int8_matmul": [_pointer] * 4 + [_int64] * 3,
+    # block-quantized weights (quant_blocks.py): fmt, blocks, x, y, then batch, in, out, ldy, isa
+    "quant_matmul": [_int64] + [_pointer] * 3 + [_int64] * 5,
+    "quant_dequantize": [_int64, _pointer, _pointer, _int64, _int64],
+    "quant_quantize": [_int64, _pointer, _pointer, _int64, _int64],
+    "quant_activations": [_pointer, _int64] + [_pointer] * 4,
+    "quant_best_isa": [],
+    "quant_block_bytes": [_int64],
 }
+RETURNS_INT = {"quant_matmul", "quant_best_isa", "quant_block_bytes"}  # the others return nothing
 
 
 class NativeBuildError(RuntimeError):
@@ -103,7 +111,12 @@ def cpu_kernels() -> ctypes.CDLL | None:
         print(f"qgpt: CPU decode kernels unavailable ({error}); decoding with plain PyTorch",
               file=sys.stderr)
         return None
+    return bind(library)
+
+
+def bind(library: ctypes.CDLL) -> ctypes.CDLL:
+    """Give the library's functions their argument and result types (ctypes would guess ints)."""
     for name, argtypes in SIGNATURES.items():
         function = getattr(library, name)
-        function.argtypes, function.restype = argtypes, None
+        function.argtypes, function.restype = argtypes, _int64 if name in RETURNS_INT else None
     return library

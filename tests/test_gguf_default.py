@@ -46,6 +46,14 @@ def default_path() -> Path:
 def ours(default_path):
     from qgpt_code.checkpoints import load_model
 
+    return load_model(default_path, device="cpu", dtype="float32", keep_quantized=False)  # float, as transformers
+
+
+@pytest.fixture(scope="module")
+def kept(default_path):
+    """The default on the CPU: Q4_1 matrices (and the Q8_0 tied head) kept in their blocks."""
+    from qgpt_code.checkpoints import load_model
+
     return load_model(default_path, device="cpu", dtype="float32")
 
 
@@ -166,3 +174,38 @@ def test_chatml_special_tokens(ours, hf_tokenizer):
     plain = tok.encode(chat)  # user text can never produce control tokens
     assert not set(plain) & {tok.piece_to_id("<|im_start|>"), tok.piece_to_id("<|im_end|>")}
     assert tok.decode(special) == "user\nWrite a Python function.\nassistant\n"  # control tokens print nothing
+
+
+# Five short code and prose prompts: the kept-quantized model against the float one (the file's
+# weights dequantized exactly, as transformers loads them).
+KEPT_PROMPTS = ["def fibonacci(n):", "The capital of France is", "import numpy as np\n\ndef normalize(x):",
+                "Once upon a time,", "class Stack:\n    def push(self, item):"]
+
+
+def test_kept_blocks_are_the_file_s(kept):
+    from qgpt_code.quant_blocks import BlockQuantLinear
+
+    layer = kept.model.layers[0]
+    assert isinstance(layer.attention.wqkv, BlockQuantLinear) and layer.attention.wqkv.formats == ["Q4_1"]
+    assert layer.feed_forward.w13.out_features == 2 * 1536 and kept.model.output.formats == ["Q8_0"]
+    # The weights read per token: ~96 MB of blocks where float32 would be ~540 MB.
+    block_bytes = sum(b.numel() for name, b in kept.model.named_buffers() if "blocks" in name)
+    assert 90e6 < block_bytes < 100e6
+
+
+@torch.inference_mode()
+def test_kept_quantized_logits_and_greedy_tokens_follow_the_float_model(kept, ours):
+    """Integer products on 8-bit activations move the logits a little (cosine >= 0.999) and may flip
+    a near-tie, so greedy continuations must agree on at least 4 of the 5 prompts."""
+    from qgpt_code.generation import SamplingParams, generate_batch
+
+    for prompt in KEPT_PROMPTS:
+        ids = torch.tensor([kept.tokenizer.encode(prompt)])
+        positions = torch.arange(ids.shape[1])[None]
+        cosine = torch.nn.functional.cosine_similarity(kept.model(ids, positions), ours.model(ids, positions), dim=-1)
+        assert cosine.min().item() >= 0.999, (prompt, cosine)
+    prompts = [kept.tokenizer.encode(p) for p in KEPT_PROMPTS]
+    params = SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True)
+    quantized, floats = generate_batch(kept, prompts, params), generate_batch(ours, prompts, params)
+    same = [q.tokens == f.tokens for q, f in zip(quantized, floats)]
+    assert sum(same) >= 4, same

@@ -67,7 +67,7 @@ QUANTIZABLE = [(Q.F16, 1e-3), (Q.BF16, 1e-2), (Q.Q8_0, 1e-2), (Q.Q4_0, 0.15), (Q
 def test_quantized_weights_load_as_stored(tmp_path, tiny_hf, sp_proto, tiny_loaded, qtype, tolerance):
     path = tmp_path / f"tiny-{qtype.name}.gguf"
     stored = write_llama_gguf(path, tiny_hf[0], sentencepiece_metadata(sp_proto), qtype)
-    loaded = load_model(path, device="cpu", dtype="float32")
+    loaded = load_model(path, device="cpu", dtype="float32", keep_quantized=False)  # kept: tests/test_cpu_quant.py
     assert loaded.info.quantization == qtype.name
     ours, original = checkpoint_tensors(loaded.model), checkpoint_tensors(tiny_loaded.model)
     for gguf_name, meta_name in [("blk.0.attn_q.weight", "layers.0.attention.wq.weight"),
@@ -96,7 +96,7 @@ def test_k_quant_weights_load_as_stored(tmp_path, sp_proto, qtype):
     raw = {name: random_k_blocks(shape, qtype, seed=i) for i, (name, shape) in enumerate(shapes.items())}
     stored = write_llama_gguf(tmp_path / "k.gguf", model, sentencepiece_metadata(sp_proto), qtype, raw_matrices=raw)
 
-    loaded = load_model(tmp_path / "k.gguf", device="cpu", dtype="float32")
+    loaded = load_model(tmp_path / "k.gguf", device="cpu", dtype="float32", keep_quantized=False)
     assert loaded.info.quantization == {Q.Q4_K: "Q4_K_M", Q.Q5_K: "Q5_K_M", Q.Q6_K: "Q6_K"}[qtype]
     ours = checkpoint_tensors(loaded.model)
     for gguf_name, meta_name in [("blk.0.attn_k.weight", "layers.0.attention.wk.weight"),

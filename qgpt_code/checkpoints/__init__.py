@@ -55,8 +55,12 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     tokenizer: str | Path | Tokenizer | None = None,
     progress: Progress | None = None,
+    keep_quantized: bool | None = None,
 ) -> LoadedModel:
     """Load a Meta directory, an HF directory or a GGUF file onto `device` (default: CUDA when present).
+
+    A GGUF file's quantized matrices stay quantized on the CPU in float32 (see quant_blocks.py);
+    `keep_quantized=False` dequantizes them as on other devices.
 
     `tokenizer` overrides the one found beside the weights (a path or a Tokenizer). The work runs on
     a thread of its own that exits when it is done (see qgpt_code/fresh_thread.py: an engine thread
@@ -67,17 +71,17 @@ def load_model(
     device = resolve_device(device)
     if device.type == "cuda" and device.index is None:  # "cuda" is the caller's current device, not the worker's
         device = torch.device("cuda", torch.cuda.current_device())
-    return run_in_fresh_thread(_load_model, path, device, dtype, tokenizer, progress)
+    return run_in_fresh_thread(_load_model, path, device, dtype, tokenizer, progress, keep_quantized)
 
 
-def _load_model(path, device: torch.device, dtype, tokenizer, progress) -> LoadedModel:
+def _load_model(path, device: torch.device, dtype, tokenizer, progress, keep_quantized=None) -> LoadedModel:
     path = Path(path).expanduser()
     fmt = detect_format(path)
     dtype = resolve_dtype(dtype, device)
     if fmt == "gguf":
         from qgpt_code.checkpoints import gguf
 
-        return gguf.load(path, device, dtype, tokenizer, progress)
+        return gguf.load(path, device, dtype, tokenizer, progress, keep_quantized)
     module = meta if fmt == "meta" else hf
     args = module.read_args(path)
     tok = _tokenizer_for(path, tokenizer)

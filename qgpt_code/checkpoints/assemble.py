@@ -76,16 +76,22 @@ def build_model(
     progress: Progress | None = None,
 ) -> Transformer:
     """Check each checkpoint tensor and copy it into its place in our parameters on `device`, then
-    assign those parameters to a meta-device model (weights allocated once, where they will run)."""
+    assign those parameters to a meta-device model (weights allocated once, where they will run).
+
+    A tensor may come as a `BlockTensor` (a GGUF file's quantized blocks, kept on the CPU): the
+    projections whose parts all come so become BlockQuantLinear modules (quant_blocks.py); a
+    quantized embedding table is dequantized for the lookup and, when tied, kept in blocks as the head."""
     import torch
 
     from qgpt_code.model import Transformer, checkpoint_layout
+    from qgpt_code.quant_blocks import BlockTensor
 
     layout = checkpoint_layout(args)
     param_rows: dict[str, int] = {}  # a fused parameter is as tall as its last slot's end
     for slot in layout.values():
         param_rows[slot.param] = max(param_rows.get(slot.param, 0), slot.stop)
     params: dict[str, torch.Tensor] = {}
+    blocks: dict[str, list[tuple[int, BlockTensor]]] = {}  # param -> (first row, quantized part)
     filled: set[str] = set()
     for name, tensor, source in tensors:
         slot = layout.get(name)
@@ -93,10 +99,13 @@ def build_model(
             raise CheckpointError(f"{source}: unexpected tensor {name!r} for this architecture")
         if tuple(tensor.shape) != slot.shape:
             raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {slot.shape}")
-        if slot.param not in params:
-            shape = (param_rows[slot.param], *slot.shape[1:])
-            params[slot.param] = allocate_param(slot.param, shape, args, device, dtype)
-        params[slot.param][slot.start : slot.stop].copy_(tensor)  # converts dtype and device in one go
+        if isinstance(tensor, BlockTensor):
+            blocks.setdefault(slot.param, []).append((slot.start, tensor))
+        else:
+            if slot.param not in params:
+                shape = (param_rows[slot.param], *slot.shape[1:])
+                params[slot.param] = allocate_param(slot.param, shape, args, device, dtype)
+            params[slot.param][slot.start : slot.stop].copy_(tensor)  # converts dtype and device in one go
         filled.add(name)
         if progress:
             progress(len(filled), len(layout))
@@ -104,11 +113,48 @@ def build_model(
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise CheckpointError(f"checkpoint is missing tensor(s) {shown}")
+    modules = _block_modules(args, blocks, params)
     with torch.device("meta"):
         model = Transformer(args)
-    model.load_state_dict(params, strict=True, assign=True)
+    result = model.load_state_dict(params, strict=False, assign=True)
+    replaced = {f"{path}.weight" for path in modules} - ({"output.weight"} if args.tie_embeddings else set())
+    if result.unexpected_keys or set(result.missing_keys) != replaced:
+        raise CheckpointError(f"weights do not fit the model: missing {result.missing_keys}, "
+                              f"unexpected {result.unexpected_keys}")
+    for path, module in modules.items():
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, module)
     model.init_rope()
     return model.eval().requires_grad_(False)
+
+
+def _block_modules(args: ModelArgs, blocks: dict, params: dict) -> dict:
+    """Module path -> BlockQuantLinear for each parameter that came in blocks; the embedding table,
+    and any parameter that also had float parts, dequantized into `params` instead."""
+    import torch
+
+    from qgpt_code.quant_blocks import BlockQuantLinear, BlockTensor
+
+    modules = {}
+    for param, parts in blocks.items():
+        parts.sort(key=lambda item: item[0])
+        if param == "tok_embeddings.weight":
+            (_, table), = parts
+            params[param] = table.dequantize()  # row-major: only gathered from, the head reads the blocks
+            if args.tie_embeddings:
+                modules["output"] = BlockQuantLinear([table])
+        elif param in params:  # part float, part blocks: all float
+            for start, part in parts:
+                params[param][start : start + part.rows].copy_(part.dequantize())
+        else:  # consecutive parts of one format become one (one kernel call)
+            merged: list[BlockTensor] = []
+            for _, part in parts:
+                if merged and merged[-1].fmt == part.fmt:
+                    merged[-1] = BlockTensor(part.fmt, torch.cat([merged[-1].data, part.data]), part.cols)
+                else:
+                    merged.append(part)
+            modules[param.removesuffix(".weight")] = BlockQuantLinear(merged)
+    return modules
 
 
 def allocate_param(name: str, shape: tuple[int, ...], args: ModelArgs, device: torch.device, dtype: torch.dtype):

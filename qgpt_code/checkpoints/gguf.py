@@ -194,6 +194,17 @@ class GGUFFile:
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
 
+    def raw(self, info: TensorInfo) -> np.ndarray:
+        """The tensor's bytes as stored, (rows, bytes per row): a read-only view of the mapped file."""
+        block_size, _ = GGML_QUANT_SIZES[info.qtype]
+        if info.shape[-1] % block_size:
+            raise CheckpointError(
+                f"{self.path}: tensor {info.name!r} has rows of {info.shape[-1]} values, "
+                f"not a multiple of the {info.qtype.name} block ({block_size})"
+            )
+        rows = int(np.prod(info.shape[:-1], dtype=np.int64))
+        return np.frombuffer(self._map, np.uint8, info.n_bytes, info.offset).reshape(rows, -1)
+
     def dequantized(self, info: TensorInfo) -> np.ndarray:
         """The tensor as float32, shaped `info.shape`; a CheckpointError for types we cannot decode."""
         block_size, _ = GGML_QUANT_SIZES[info.qtype]
@@ -358,12 +369,16 @@ def read_info(file: GGUFFile) -> ModelInfo:
     )
 
 
-def iter_tensors(file: GGUFFile, args: ModelArgs) -> NamedTensors:
-    return _iter(file, args)
+def iter_tensors(file: GGUFFile, args: ModelArgs, keep_quantized: bool = False) -> NamedTensors:
+    """(our name, tensor, file) for every tensor: float32, or with `keep_quantized` a BlockTensor for
+    each matrix in a block format (quant_blocks.KEPT as stored, quant_blocks.REQUANTIZED converted)."""
+    return _iter(file, args, keep_quantized)
 
 
-def _iter(file: GGUFFile, args: ModelArgs) -> Iterator[tuple[str, "torch.Tensor", Path]]:
+def _iter(file: GGUFFile, args: ModelArgs, keep_quantized: bool) -> Iterator[tuple[str, Any, Path]]:
     import torch
+
+    from qgpt_code.quant_blocks import KEPT, REQUANTIZED, from_gguf_bytes
 
     for info in file.tensors.values():
         if IGNORED.match(info.name):
@@ -371,7 +386,10 @@ def _iter(file: GGUFFile, args: ModelArgs) -> Iterator[tuple[str, "torch.Tensor"
         name = our_name(info.name)
         if name is None:
             raise CheckpointError(f"{file.path}: unknown tensor {info.name!r} for a llama model")
-        yield name, torch.from_numpy(file.dequantized(info)), file.path
+        if keep_quantized and len(info.shape) == 2 and info.qtype.name in (*KEPT, *REQUANTIZED):
+            yield name, from_gguf_bytes(info.qtype.name, file.raw(info), info.shape[1]), file.path
+        else:
+            yield name, torch.from_numpy(file.dequantized(info)), file.path
 
 
 # --- entry points -------------------------------------------------------------------------------------
@@ -390,8 +408,13 @@ def load(
     dtype: torch.dtype,
     tokenizer: str | Path | Tokenizer | None = None,
     progress: Progress | None = None,
+    keep_quantized: bool | None = None,
 ) -> LoadedModel:
-    """A GGUF model on `device`, weights dequantized to `dtype`, with the file's own tokenizer by default."""
+    """A GGUF model on `device`, with the file's own tokenizer by default. Quantized matrices stay in
+    their blocks when `keep_quantized` (default: on the CPU in float32, where the kernels read them);
+    otherwise, and for everything else, weights are dequantized to `dtype`."""
+    import torch
+
     from qgpt_code.gguf_tokenizer import tokenizer_from_metadata
 
     file = GGUFFile(path)
@@ -403,5 +426,9 @@ def load(
     else:
         tok = tokenizer
     check_tokenizer_fits(tok, info.args, getattr(tok, "source", str(path)))
-    model = build_model(info.args, iter_tensors(file, info.args), device, dtype, progress)
+    if keep_quantized is None:
+        keep_quantized = torch.device(device).type == "cpu" and dtype == torch.float32
+    elif keep_quantized and not (torch.device(device).type == "cpu" and dtype == torch.float32):
+        raise CheckpointError(f"{path}: quantized weights are kept only on the CPU in float32, not {device} {dtype}")
+    model = build_model(info.args, iter_tensors(file, info.args, keep_quantized), device, dtype, progress)
     return LoadedModel(model=model, tokenizer=tok, info=info)
