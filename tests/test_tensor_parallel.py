@@ -10,7 +10,7 @@ import pytest
 import torch
 from builders import meta_params, write_meta_dir
 from test_tensor_parallel_workers import (
-    BATCH, PROMPTS, CountingTokenizer, generate_all, meta_worker, spawn, split_worker, whole_model,
+    BATCH, CountingTokenizer, generate_all, logits_worker, meta_worker, spawn, split_worker, whole_model,
 )
 
 from qgpt_code.config import ModelArgs, preset
@@ -75,6 +75,26 @@ def test_tp2_greedy_generation_is_identical(meta_run, reference):
     assert meta_run[0]["engine_reused"] == reference["engine_reused"] > 0  # prefix blocks shared (and copied)
 
 
+def test_other_shard_counts_and_hf_safetensors_split_at_load(meta_dir, tiny_hf, tmp_path):
+    """TP=2 over a 4-shard and a 1-shard Meta checkpoint (each rank joins two shards, or narrows the one)
+    and over HF safetensors (rows and columns read through get_slice): the same logits as one process."""
+    from qgpt_code import load_model
+
+    state = {k: v.clone() for k, v in checkpoint_tensors(random_model(preset("tiny"), 0)).items()}
+    four = write_meta_dir(state, meta_params(preset("tiny")), tmp_path / "four", None, n_shards=4)
+    one = write_meta_dir(state, meta_params(preset("tiny")), tmp_path / "one", None, n_shards=1)
+    paths = [four, one, tiny_hf[1]]
+    spawn(logits_worker, 2, [str(p) for p in paths], str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert [ranks[r][0]["opened"] for r in range(2)] == [["consolidated.00.pth", "consolidated.01.pth"],
+                                                       ["consolidated.02.pth", "consolidated.03.pth"]]
+    assert [ranks[r][1]["opened"] for r in range(2)] == [["consolidated.00.pth"]] * 2
+    for i, path in enumerate(paths):
+        model = load_model(path, device="cpu", dtype="float32", tokenizer=CountingTokenizer(512) if i < 2 else None).model
+        tp1 = model(BATCH, torch.arange(BATCH.shape[1]).expand_as(BATCH))
+        assert (ranks[0][i]["logits"] - tp1).abs().max().item() <= TOLERANCE, path
+
+
 def test_replicated_kv_heads_and_tied_embeddings(tmp_path):
     """1 KV head over 2 ranks (each keeps a copy), output tied to the embedding, a vocabulary that 2
     does not divide (tied: the embedding is split on its dim, not the vocabulary)."""
@@ -111,3 +131,111 @@ def test_layout_slices_match_fairscale_and_refuse_what_does_not_divide():
         TPLayout(preset("llama-2-7b"), 0, 3)
     with pytest.raises(LayoutError, match="n_kv_heads=3"):
         TPLayout(ModelArgs(dim=96, n_heads=6, n_kv_heads=3, multiple_of=32), 0, 2)
+
+
+# -- torchrun: the CLI and the HTTP server, rank 0 leading a real second process ---------------------------
+
+PROMPT = "def fibonacci(n):"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*command: str, **popen) -> "subprocess.Popen":
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                             "-m", "qgpt_code", *command], env=env, start_new_session=True, **popen)
+
+
+@pytest.fixture(scope="module")
+def expected_text(meta_dir):
+    """What one process generates for PROMPT, greedy, 12 tokens."""
+    from qgpt_code import load_model
+    from qgpt_code.generation import SamplingParams, generate_text
+
+    loaded = load_model(meta_dir, device="cpu", dtype="float32")
+    tokens = loaded.tokenizer.encode(PROMPT, bos=True)
+    return generate_text(loaded, tokens, SamplingParams(max_new_tokens=12, temperature=0)).text
+
+
+def test_torchrun_complete_prints_what_one_process_prints(meta_dir, expected_text):
+    import subprocess
+
+    proc = torchrun("complete", "--model", str(meta_dir), "--device", "cpu", "--temperature", "0",
+                    "--max-tokens", "12", PROMPT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        _kill_group(proc)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert out.decode() == expected_text + ("" if expected_text.endswith("\n") else "\n")
+    assert "rank 1 of 2: stopped by rank 0" in err.decode()
+
+
+def test_torchrun_serve_answers_the_openai_client_and_all_ranks_exit_on_sigterm(meta_dir, expected_text, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    import httpx
+    import psutil
+    from openai import OpenAI
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with log.open("wb") as sink:
+        proc = torchrun("serve", "--model", str(meta_dir), "--device", "cpu", "--port", str(port),
+                        "--cache-bytes", "16M", "--log-level", "warning", stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no /health within 120 s:\n" + log.read_text()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        workers = psutil.Process(proc.pid).children()
+        assert len(workers) == 2
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+        model = client.models.list().data[0].id
+        reply = client.completions.create(model=model, prompt=PROMPT, max_tokens=12, temperature=0)
+        assert reply.choices[0].text == expected_text
+        chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Sort a list."}],
+                                              max_tokens=6, temperature=0)
+        assert chat.usage.completion_tokens == 6
+        streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(
+            model=model, prompt=PROMPT, max_tokens=12, temperature=0, stream=True) if chunk.choices)
+        assert streamed == expected_text
+
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        gone, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, f"ranks still running: {alive}"
+        text = log.read_text()
+        assert "rank 1 of 2: stopped by rank 0" in text, text[-3000:]  # told by rank 0, not orphaned
+        assert "went away" not in text
+    finally:
+        _kill_group(proc)
+
+
+def _kill_group(proc) -> None:
+    import os
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)

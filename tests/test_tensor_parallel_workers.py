@@ -159,3 +159,22 @@ class CountingTokenizer:
     def id_to_piece(self, i: int) -> str:
         return f" {i}"
 
+
+
+def logits_worker(rank: int, world: int, port: int, paths: list[str], out_dir: str) -> None:
+    """For each checkpoint: this rank's slice (recording the weight files it opened), BATCH's logits."""
+    opened: list[str] = []
+    _record_opens(opened)
+    _join(rank, world, port)
+    from qgpt_code.distributed.loading import build_rank_model, read_rank_checkpoint
+
+    results = []
+    for path in paths:
+        del opened[:]
+        info, layout, pieces = read_rank_checkpoint(Path(path), rank, world)
+        model = build_rank_model(layout, pieces, torch.device("cpu"), torch.float32)
+        files = sorted({Path(f).name for f in opened if Path(f).suffix in (".pth", ".safetensors", ".gguf")})
+        result = _lead_or_follow(rank, model, lambda m: {"logits": m(BATCH, torch.arange(BATCH.shape[1]).expand_as(BATCH))})
+        results.append({"opened": files, **result})
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()

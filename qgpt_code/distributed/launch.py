@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import atexit
 import os
+import signal
 import sys
+import threading
 from datetime import timedelta
 
 from qgpt_code.errors import QGPTError
@@ -107,9 +109,18 @@ def load_leader(args: argparse.Namespace, progress=None):
         dist.destroy_process_group()
 
     atexit.register(stop)
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (torchrun passes it on) ends rank 0 through SystemExit, so that `finally` blocks (the
+        # engine's close) and the atexit STOP run; uvicorn restores this handler and re-raises the signal
+        # after its graceful shutdown. The followers ignore it and exit on STOP.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     tokenizer = _tokenizer(args, info)
     check_tokenizer_fits(tokenizer, info.args, getattr(tokenizer, "source", str(path)))
     return LoadedModel(model=LeaderModel(model, leader), tokenizer=tokenizer, info=info)
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _tokenizer(args: argparse.Namespace, info):
@@ -131,8 +142,6 @@ def follower_main(args: argparse.Namespace) -> int:
     """A rank other than 0: load this rank's slice, then compute what rank 0 announces until it says STOP.
     SIGINT and SIGTERM are left to rank 0 (torchrun signals every rank): a follower exits when rank 0
     stops it or is gone, never in the middle of a step the others are in."""
-    import signal
-
     import torch.distributed as dist
 
     from qgpt_code.distributed.runner import Link, follow
@@ -152,4 +161,5 @@ def follower_main(args: argparse.Namespace) -> int:
         print(f"qgpt: rank {rank()}: rank 0 went away ({type(exc).__name__}); exiting", file=sys.stderr)
         return 1
     dist.destroy_process_group()
+    print(f"qgpt: rank {rank()} of {world_size()}: stopped by rank 0", file=sys.stderr, flush=True)
     return 0

@@ -162,6 +162,7 @@ class Leader:
                 return
             try:
                 self._send(STOP)
+                dist.barrier()  # every rank past its last collective before any tears the group down
             except Exception as exc:
                 print(f"qgpt: could not stop the other ranks: {exc}", file=sys.stderr)
             self.stopped = True
@@ -214,6 +215,7 @@ def follow(model: nn.Module, link: Link, rank: int) -> None:
     while True:
         op, *f = link.receive()
         if op == STOP:
+            dist.barrier()
             return
         payload = None
         if op == FORWARD:
