@@ -195,10 +195,21 @@ def _score(args: argparse.Namespace) -> int:
         problems_path=args.problems, task_set=args.tasks, ks=args.k, workers=args.workers,
         limits=limits, isolation=isolation, progress=not args.no_progress,
     )  # fmt: skip
-    _print_scores(summary)
     out_dir = args.out or args.samples.parent
+    _add_editor_metrics(summary, out_dir, args.problems)
+    _print_scores(summary)
     print(f"sandbox: {isolation.name}; wrote results.jsonl, summary.json and report.md to {out_dir}")
     return 0
+
+
+def _add_editor_metrics(summary: dict[str, Any], out_dir: Path, problems: Path | None) -> None:
+    """Infilling runs: what the editor shows beside pass@1 (evals/editor_metrics.py)."""
+    if summary["task_set"] not in INFILL_KINDS:
+        return
+    from qgpt_code.evals.editor_metrics import add_editor_metrics
+    from qgpt_code.evals.infill_tasks import load_tasks
+
+    summary["editor"] = add_editor_metrics(out_dir, load_tasks(summary["task_set"], problems))
 
 
 def _print_scores(summary: dict[str, Any]) -> None:
@@ -206,6 +217,13 @@ def _print_scores(summary: dict[str, Any]) -> None:
     scores = "  ".join(f"{k} = {v * 100:.2f}%" for k, v in summary["pass_at_k"].items())
     print(f"{summary['task_set']}: {scores or 'no pass@k (too few samples per task)'}")
     print(f"{summary['tasks_scored']} of {summary['tasks_total']} tasks, {summary['samples']} samples: {outcomes}")
+    editor = summary.get("editor")
+    if editor:
+        per_accepted = editor["seconds_per_accepted"]
+        print(f"editor: left block {editor['left_block_rate'] * 100:.1f}%, leading blank "
+              f"{editor['leading_blank_rate'] * 100:.1f}%, {editor['mean_completion_tokens']:.1f} tokens and "
+              f"{editor['mean_seconds']:.2f} s per completion, "
+              + (f"{per_accepted:.2f} s per accepted" if per_accepted is not None else "none accepted"))
     if summary["sandbox_failures"]:
         print(f"warning: the sandbox did not start for {summary['sandbox_failures']} samples (counted as failed; "
               "see report.md)")
@@ -305,6 +323,7 @@ def _generate(args: argparse.Namespace) -> int:
         limits=Limits(timeout_s=args.timeout, memory_bytes=args.memory_mb << 20), isolation=isolation,
         progress=not args.no_progress, extra={"generation": generation},
     )  # fmt: skip
+    _add_editor_metrics(summary, out_dir, args.problems)
     _print_scores(summary)
     print(f"scored in {time.monotonic() - started:.1f} s (sandbox: {isolation.name}); "
           f"wrote samples.jsonl, results.jsonl, summary.json and report.md to {out_dir}")

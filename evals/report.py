@@ -97,6 +97,10 @@ def render_report(summary: Mapping[str, Any], results: Sequence[ResultLike]) -> 
         lines += _table(["metric", "value"], [[k, f"{v * 100:.2f}%"] for k, v in summary["pass_at_k"].items()])
     else:
         lines.append("No k fits: every task needs at least k samples.")
+    if summary.get("editor"):
+        from qgpt_code.evals.editor_metrics import metrics_lines
+
+        lines += ["", *metrics_lines(summary["editor"])[:-1]]
     outcomes = summary["outcomes"]
     lines += ["", "## Outcomes", ""]
     lines += _table(["outcome", "samples"], [[name, count] for name, count in outcomes.items()])
