@@ -19,13 +19,17 @@ needed; the tokenizer is a stand-in that only counts. Prints one table, a row as
   ms/token, fraction of the floor and of the matvec ceiling. Decode only: (tokens - 1) over the time
   from the first token event to the last (the first token's time is the prefill's).
 - prefill: time to first token of a cold 2,048-token prompt, and of 2,016 cached + 32 new tokens.
-- int8 (weight-only, per channel, `quantize_int8`): decode tok/s, ratio int8/bf16, and the distance
-  of int8 logits from bf16 logits on one prompt (max |diff|, cosine, top-1 agreement).
+- int8 (weight-only, per channel, `quantize_int8`): decode tok/s with the decode kernel the code
+  chose (`quantize.DECODE_KERNEL`), ratio int8/bf16, the compilations counted after start-up (must be
+  0), the distance of int8 logits from bf16 logits on one prompt (max |diff|, cosine, top-1
+  agreement), and on a GPU one row per alternative kernel (`--int8-kernels`, default all three), so
+  that the choice in quantize.py can be checked against the numbers.
 - transformers' LlamaForCausalLM on the same weights with its static cache (`generate(...,
   cache_implementation="static")`, compiled on first use: a warm-up call of the same shape absorbs
   that): decode tok/s measured like ours (a streamer timestamps every new token; (N - 1) over first
   to last), its logits against ours, and the ratio ours/transformers.
-- PASS/FAIL lines for the performance targets, the card, torch/transformers versions and the date.
+- PASS/FAIL lines for the performance targets, each beside the measured numbers it compares (our
+  time per token and the floor's), the card, torch/transformers versions and the date.
 
 Progress goes to stderr. Without CUDA (and without --smoke) it exits with a one-line message.
 """
@@ -80,6 +84,7 @@ class Setup:
     copy_bytes: int
     reps: int  # repetitions of the device-timed loops (copy, matvec chain)
     skip_transformers: bool
+    int8_kernels: tuple[str, ...] = ()  # alternatives timed on a GPU
 
     @property
     def is_cuda(self) -> bool:
@@ -101,6 +106,8 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, help="decode tokens per measurement (default 256; 16 with --smoke)")
     parser.add_argument("--skip-transformers", action="store_true", help="leave out the transformers rows")
     parser.add_argument("--device", default=None, help="default cuda (cpu with --smoke)")
+    parser.add_argument("--int8-kernels", default="compiled,int8pack,dequant",
+                        help="int8 decode kernels to time on a GPU, comma-separated (quantize.DECODE_KERNEL's choices)")
     parser.add_argument("--smoke", action="store_true",
                         help="exercise every step on a tiny model, float32 on the CPU (no GPU needed)")
     return parser.parse_args(argv)
@@ -125,6 +132,7 @@ def make_setup(opts: argparse.Namespace) -> Setup:
         copy_bytes=(64 << 20) if small else COPY_BYTES,
         reps=5 if small else 20,
         skip_transformers=opts.skip_transformers,
+        int8_kernels=tuple(k for k in opts.int8_kernels.split(",") if k),
     )
 
 
@@ -457,40 +465,77 @@ def engine_rows(setup: Setup, report: Report, loaded, graphs: bool, prefill: boo
 # -- 4. int8 ---------------------------------------------------------------------------------------
 
 
-def measure_int8(setup: Setup, report: Report, loaded, reference: torch.Tensor | None, prompt: list[int]) -> None:
-    from qgpt_code.quantize import quantize_int8
+def compilations() -> int:
+    """Graphs torch.compile has made in this process so far (torch._dynamo's own counter)."""
+    import torch._dynamo.utils
 
-    quantize_int8(loaded.model)
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def measure_int8(setup: Setup, report: Report, loaded, reference: torch.Tensor | None, prompt: list[int]) -> None:
+    from qgpt_code import quantize
+
+    quantize.quantize_int8(loaded.model)
     free_memory(setup.device)
     report_floor(report, decode_read_bytes(loaded.model), "decode floor int8", "floor_int8_s")
-    label = f"decode int8 ({engine_options(setup, True)[1]})"
-    # max_batch 1, short rows: graphs (and int8 kernels to compile) for batch 1 only; the batch-1 step
-    # is the very one the bf16 engine replays.
-    context = min(setup.max_seq_len, setup.prompt_tokens + setup.new_tokens + 8)
-    engine = report.attempt(label, open_engine, setup, loaded, True, 1, context)
-    if engine is not None:
-        with engine:
-            report.attempt(label, measure_int8_decode, setup, report, engine, label)
-        del engine
-        free_memory(setup.device)
+    int8_engine_row(setup, report, loaded, quantize.DECODE_KERNEL, main=True)
     if reference is not None:
         report.attempt("int8 logits", report_int8_logits, setup, report, loaded.model, reference, prompt)
+    if setup.is_cuda:  # the alternatives, to check the choice in quantize.py against the numbers
+        for kernel in setup.int8_kernels:
+            if kernel != quantize.DECODE_KERNEL:
+                int8_engine_row(setup, report, loaded, kernel, main=False)
+
+
+def int8_engine_row(setup: Setup, report: Report, loaded, kernel: str, main: bool) -> None:
+    """One int8 decode row with `kernel` as the decode kernel (prepared at the engine's start-up)."""
+    from qgpt_code import quantize
+
+    for layer in loaded.model.modules():  # forget kernels and graphs made with another choice
+        if isinstance(layer, quantize.Int8Linear):
+            layer.decode_kernels.clear()
+    loaded.model.decode_runtime = None
+    free_memory(setup.device)
+    chosen, quantize.DECODE_KERNEL = quantize.DECODE_KERNEL, kernel
+    label = f"decode int8 ({engine_options(setup, True)[1]})" if main else f"decode int8 kernel {kernel}"
+    try:
+        # max_batch 1, short rows: graphs (and int8 kernels to compile) for batch 1 only; the batch-1 step
+        # is the very one the bf16 engine replays.
+        context = min(setup.max_seq_len, setup.prompt_tokens + setup.new_tokens + 8)
+        started = time.perf_counter()
+        engine = report.attempt(label, open_engine, setup, loaded, True, 1, context)
+        start_up = time.perf_counter() - started
+        if engine is not None:
+            with engine:
+                report.attempt(label, measure_int8_decode, setup, report, engine, label, kernel, main, start_up)
+            del engine
+    finally:
+        quantize.DECODE_KERNEL = chosen
+    free_memory(setup.device)
 
 
 def report_int8_logits(setup: Setup, report: Report, model, reference: torch.Tensor, prompt: list[int]) -> None:
     report.row(f"int8 vs {setup.dtype_name} logits", "distance", logits_distance(logits_of(model, prompt), reference))
 
 
-def measure_int8_decode(setup: Setup, report: Report, engine, label: str) -> None:
+def measure_int8_decode(setup: Setup, report: Report, engine, label: str, kernel: str, main: bool,
+                        start_up: float) -> None:
+    after_start_up = compilations()
     prompt = random_prompt(setup.prompt_tokens, setup.args.vocab_size, seed=1)
     decode_seconds(engine, prompt, 8)  # warm-up
     seconds = decode_seconds(engine, prompt, setup.new_tokens)
-    report.values["int8_s"] = seconds
-    ratio = report.ratio("int8_vs_bf16", "int8_s", "decode_s", invert=True)
+    for n in [n for n in (1, 3, 5, 17, 23, 100, 300) if n < engine.max_seq_len]:  # new chunk lengths: no compiling
+        first_token_seconds(engine, random_prompt(n, setup.args.vocab_size, seed=10 + n), setup.device)
+    compiled = compilations() - after_start_up
+    key = "int8_s" if main else f"int8_{kernel}_s"
+    report.values[key] = seconds
+    ratio = report.ratio("int8_vs_bf16" if main else f"int8_{kernel}_vs_bf16", key, "decode_s", invert=True)
     vs_bf16 = f"{ratio:.2f}x our {setup.dtype_name}" if ratio is not None else f"no {setup.dtype_name} row"
     floor = report.values.get("floor_int8_s")
     of_floor = f"; {floor / seconds:.3f} of int8 floor" if floor else ""
-    report.row(label, per_token(seconds), f"{seconds * 1e3:.3f} ms/token; {vs_bf16}{of_floor}; engine max_batch 1")
+    how = kernel if setup.is_cuda else "cpu_decode"  # the CPU decodes int8 through its own C kernels
+    report.row(label, per_token(seconds), f"{seconds * 1e3:.3f} ms/token; {vs_bf16}{of_floor}; kernel {how}; "
+               f"engine max_batch 1, start-up {start_up:.1f} s; {compiled} compilations after start-up")
 
 
 # -- 5. transformers, static cache, same weights ---------------------------------------------------
@@ -603,6 +648,23 @@ def derive_ratios(report: Report) -> None:
     report.ratio("decode_vs_ceiling", "matvec_s", "decode_s")
 
 
+# What each target compares, printed beside it: (results key, label), times in seconds
+TARGET_BASIS = {
+    "decode_vs_floor": (("decode_s", "ours"), ("floor_s", "floor")),
+    "decode_vs_ceiling": (("decode_s", "ours"), ("matvec_s", "matvec ceiling"), ("floor_s", "floor")),
+    "ours_vs_transformers": (("decode_s", "ours"), ("transformers_s", "transformers"), ("floor_s", "floor")),
+    "int8_vs_bf16": (("int8_s", "int8"), ("decode_s", "bf16"), ("floor_int8_s", "int8 floor")),
+    "ttft_warm_vs_cold": (("ttft_s", "warm TTFT"), ("prefill_s", "cold prefill")),
+}
+
+
+def basis(report: Report, key: str) -> str:
+    """'; ours 4.310 ms, floor 3.205 ms' for the numbers behind a target, as far as measured."""
+    parts = [f"{label} {report.values[name] * 1e3:.3f} ms" for name, label in TARGET_BASIS.get(key, ())
+             if name in report.values]
+    return "; " + ", ".join(parts) if parts else ""
+
+
 def print_targets(report: Report) -> None:
     print("targets:", flush=True)
     for key, op, threshold, text in TARGETS:
@@ -611,7 +673,8 @@ def print_targets(report: Report) -> None:
             print(f"FAIL  {text}: not measured", flush=True)
             continue
         met = value >= threshold if op == ">=" else value <= threshold
-        print(f"{'PASS' if met else 'FAIL'}  {text}: {value:.3f} (target {op} {threshold})", flush=True)
+        print(f"{'PASS' if met else 'FAIL'}  {text}: {value:.3f} (target {op} {threshold}){basis(report, key)}",
+              flush=True)
 
 
 def header(setup: Setup) -> str:

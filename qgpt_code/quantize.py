@@ -70,12 +70,14 @@ def int8pack_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor)
     return torch._weight_int8pack_mm(x, weight, scales.to(x.dtype))
 
 
-def prepare_decode_kernels(model: Transformer, rows: Iterable[int], kernel: str = DECODE_KERNEL,
+def prepare_decode_kernels(model: Transformer, rows: Iterable[int], kernel: str | None = None,
                            backend: str = "inductor") -> int:
     """Give every Int8Linear of `model` a fused kernel for each row count in `rows` (the decode batch
     buckets), running each once now so that any compilation happens here and never at request time.
-    Idempotent; returns how many (layer, rows) pairs were new. `backend` is torch.compile's (tests
-    on the CPU pass "eager" to count compilations without paying for code generation)."""
+    Idempotent; returns how many (layer, rows) pairs were new. `kernel` defaults to DECODE_KERNEL;
+    `backend` is torch.compile's (tests on the CPU pass "eager" to count compilations without paying
+    for code generation)."""
+    kernel = kernel or DECODE_KERNEL
     layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
     if not layers or kernel == "dequant":
         return 0
@@ -138,4 +140,5 @@ def quantize_int8(model: Transformer) -> Transformer:
             setattr(parent, child_name, Int8Linear.from_linear(getattr(parent, child_name)))
     if model.output is not None:
         model.output = Int8Linear.from_linear(model.output)
+    model.decode_runtime = None  # graphs captured before read the float weights: capture anew
     return model

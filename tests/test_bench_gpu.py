@@ -67,7 +67,15 @@ def test_smoke_run_ends_with_one_pass_or_fail_line_per_target(smoke_run):
     targets = lines[lines.index("targets:") + 1 :]
     assert len(targets) == 5, targets
     for line in targets:
-        assert re.match(rf"^(PASS|FAIL)  .+: {NUMBER} \(target (>=|<=) {NUMBER}\)$", line), line
+        assert re.match(rf"^(PASS|FAIL)  .+: {NUMBER} \(target (>=|<=) {NUMBER}\)(; .+ {NUMBER} ms.*)?$", line), line
+    # each beside the numbers it compares: the decode targets name the floor's time per token
+    assert re.search(rf"of the floor: .*; ours {NUMBER} ms, floor {NUMBER} ms$", "\n".join(targets), re.MULTILINE)
+
+
+def test_smoke_run_int8_compiles_nothing_after_start_up(smoke_run):
+    match = re.search(r"^decode int8 .*kernel (\w+); .* (\d+) compilations after start-up$", smoke_run.stdout,
+                      re.MULTILINE)
+    assert match and match.group(2) == "0", smoke_run.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
