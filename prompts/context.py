@@ -2,8 +2,12 @@
 
 Layout, most stable part first, so that typing at the cursor changes only the prompt's last tokens and
 the engine's prefix cache reuses all the rest:
-  infilling models   [BOS, PRE, SUF] suffix [MID] other-files, path header, prefix     (suffix first)
+  infilling models   [BOS] other-files [PRE, SUF] suffix [MID] path header, prefix     (suffix first)
   other models       [BOS] other-files, path header, prefix                            (prefix only)
+Other files (llama.cpp's `input_extra`, an editor plugin's ring buffer of chunks) come first, as llama.cpp
+puts them before FIM_PRE: they change least often. They are encoded on their own and take at most
+`other_files_share` of the budget whatever the cursor and the current file, so a warm-up request (no
+prefix, no suffix, the same chunks) computes exactly the tokens every later completion begins with.
 Typing inserts text at the cursor: the suffix does not change, and the prefix changes only at its end.
 The prefix window begins on a block boundary fixed in the document and moves only when a line is
 finished (`tail_window_start`); every budget split is computed from the lines above the cursor's line,
@@ -53,10 +57,15 @@ class ContextOptions:
     """Infilling in suffix-prefix-middle order (cache-friendly); False gives prefix-suffix-middle."""
     use_infill: bool = True
     """False makes even an infilling model complete from the prefix alone."""
+    other_files_share: float = 0.5
+    """Most of the budget other files may take (what they leave goes to the current file). A share of the
+    budget alone, never of what the current file leaves, so their tokens do not depend on the cursor."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.suffix_share <= 1.0:
             raise ValueError(f"suffix_share must be between 0 and 1, not {self.suffix_share}")
+        if not 0.0 <= self.other_files_share <= 1.0:
+            raise ValueError(f"other_files_share must be between 0 and 1, not {self.other_files_share}")
         if self.granule < 1 or (self.block_chars is not None and self.block_chars < 1):
             raise ValueError("granule and block_chars must be at least 1")
 
@@ -127,17 +136,20 @@ def completion_prompt(
     """The completion prompt for the text before and after the cursor (HTTP /infill, evals).
 
     Infilling when the model supports it (and `options.use_infill`), else prefix-only. The prompt never
-    exceeds `options.budget` tokens; the text nearest the cursor is kept first, other files only fill
-    budget that the whole current file leaves over.
+    exceeds `options.budget` tokens. Other files come first, within `options.other_files_share` of the
+    budget, the same tokens wherever the cursor is; the current file takes the rest, the text nearest the
+    cursor first.
     """
     infill = options.use_infill and supports_infill(tokenizer)
     overhead = (1 if infill or starts_with_bos(tokenizer) else 0) + (3 if infill else 0)
     if options.budget - overhead < 1:
         raise ValueError(f"a budget of {options.budget} tokens leaves no room for text")
     layout = _Layout(tokenizer, infill, language_id, options)
+    context, paths = layout.other_files(other_files, int((options.budget - overhead) * options.other_files_share))
     excess = 0
     while True:  # separate counts can differ from the joined text's count by a token or two: retry tighter
-        prompt = layout.build(prefix, suffix, path, other_files, options.budget - overhead - excess)
+        available = options.budget - overhead - len(context) - excess
+        prompt = layout.build(prefix, suffix, path, context, paths, available)
         if len(prompt.tokens) <= options.budget:
             return prompt
         excess += len(prompt.tokens) - options.budget
@@ -176,7 +188,7 @@ class _Layout:
     def count_suffix(self, text: str) -> int:
         return len(encode_without_leading_space(self.tokenizer, text))
 
-    def build(self, prefix: str, suffix: str, path: str, other_files: Sequence[ContextFile], available: int):
+    def build(self, prefix: str, suffix: str, path: str, context: list[int], paths: tuple[str, ...], available: int):
         options = self.options
         header = path_header(path, self.language_id)
         header_cost = self.count_prefix(header) if header else 0
@@ -191,15 +203,15 @@ class _Layout:
         prefix_budget = room - suffix_cost
         prefix_window = prefix[self._prefix_start(prefix, prefix_budget) :]
 
-        context, paths = "", ()
-        whole_file = len(prefix_window) == len(prefix) and (len(suffix_window) == len(suffix) or not self.infill)
-        if whole_file and other_files:
-            spare = prefix_budget - self._reserve(header + prefix_window)
-            context, paths = self._other_files(other_files, spare)
-
-        prompt_prefix = context + header + prefix_window
+        prompt_prefix = header + prefix_window
         if self.infill:
             tokens = infill_tokens(self.tokenizer, prompt_prefix, suffix_window, suffix_first=options.suffix_first)
+            if context:  # [BOS] other files, then the infilling prompt from PRE on
+                bos = 1 if self.tokenizer.bos_id >= 0 else 0
+                tokens = [*tokens[:bos], *context, *tokens[bos:]]
+        elif context:  # other files encoded on their own: their tokens are the same whatever follows them
+            bos = [self.tokenizer.bos_id] if starts_with_bos(self.tokenizer) else []
+            tokens = [*bos, *context, *encode_without_leading_space(self.tokenizer, prompt_prefix)]
         else:
             tokens = self.tokenizer.encode(prompt_prefix, bos=starts_with_bos(self.tokenizer))
         return CompletionPrompt(
@@ -235,6 +247,18 @@ class _Layout:
         if self._prefix_start(prefix, room - cap) > 0:
             return cap  # the prefix fills the rest
         return max(cap, room - self._reserve(prefix))
+
+    def other_files(self, files: Sequence[ContextFile], budget: int) -> tuple[list[int], tuple[str, ...]]:
+        """The other files' tokens (no BOS) and paths: a function of the files and the budget alone."""
+        paths: tuple[str, ...] = ()
+        tokens: list[int] = []
+        while files:
+            text, paths = self._other_files(files, budget)
+            tokens = self.tokenizer.encode(text) if text else []
+            if len(tokens) <= budget:
+                break
+            files = files[: len(paths) - 1]  # joined, the pieces counted a token or two more: one file less
+        return tokens, paths
 
     def _other_files(self, files: Sequence[ContextFile], budget: int) -> tuple[str, tuple[str, ...]]:
         """Other files in the order given, each from its first line, cut at a line boundary, until the

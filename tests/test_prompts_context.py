@@ -170,11 +170,31 @@ def test_other_files_fill_what_the_current_file_leaves(mode):
     assert prompt.prefix + prompt.suffix == UNICODE_FILE  # the current file comes first, whole
 
 
-def test_other_files_only_when_the_whole_current_file_fits():
-    tokenizer = code_llama_tokenizer()
-    text = long_python_file()
-    prompt = completion_prompt_at(tokenizer, text, 1500, 0, other_files=OTHERS, options=ContextOptions(budget=1024))
-    assert prompt.context_paths == () and "shout" not in tokenizer.decode(prompt.tokens)
+@pytest.mark.parametrize("mode", TOKENIZERS)
+def test_other_files_are_the_same_tokens_ahead_of_the_file_wherever_the_cursor_is(mode):
+    """Issue 22: llama.vim sends a warm-up (no prefix, no suffix, its chunks in `input_extra`), then
+    completions at various cursors; every completion must begin with the warm-up's tokens up to the
+    current file (BOS, the chunks, and PRE SUF for infilling), whatever the file's size and the cursor."""
+    tokenizer = TOKENIZERS[mode]()
+    options = ContextOptions(budget=1024)
+    warm = completion_prompt(tokenizer, "", "", other_files=OTHERS, options=options)
+    assert warm.context_paths == ("util/strings.py", "README.md", "big_table.py")
+    stable = len(warm.tokens) - (1 if mode == "infill" else 0)  # all but MID (infilling) / all (prefix only)
+    assert stable > 1024 // 4  # the chunks fill their share: the big table is cut at a line
+    if mode == "infill":  # [BOS] chunks [PRE, SUF] (no suffix) [MID]: the chunks ahead of FIM's pieces
+        pieces = [tokenizer.piece_to_id(p) for p in ("▁<PRE>", "▁<SUF>", "▁<MID>")]
+        assert warm.tokens[0] == tokenizer.bos_id and warm.tokens[-3:] == pieces
+    long_file, short_file = long_python_file(), UNICODE_FILE
+    for text, line, character in [(long_file, 1500, 0), (long_file, 40, 4), (long_file, 2950, 8), (short_file, 2, 4),
+                                  (short_file, 0, 0)]:
+        prompt = completion_prompt_at(tokenizer, text, line, character, path="big.py", language_id="python",
+                                      other_files=OTHERS, options=options)
+        assert prompt.context_paths == warm.context_paths and len(prompt.tokens) <= 1024
+        assert prompt.tokens[:stable] == warm.tokens[:stable], (line, character)
+    # without other files, the current file has the whole budget, as before
+    alone = completion_prompt_at(tokenizer, long_file, 1500, 0, options=options)
+    assert len(alone.prefix) > len(completion_prompt_at(tokenizer, long_file, 1500, 0, other_files=OTHERS,
+                                                        options=options).prefix)
 
 
 def type_at(tokenizer, text: str, line: int, typed: str, options: ContextOptions) -> list[float]:
