@@ -43,8 +43,8 @@ class Settings:
     in the model's context window). With `serverUrl` the server decides (`qgpt serve`'s infill budget)."""
 
     other_files: int = field(default=2, metadata=_limits(0, 16))
-    """How many other open documents (most recently edited first) may be offered as context; they are
-    used only when the whole current file fits in the budget. 0 turns this off."""
+    """How many other open documents (most recently edited first) may be offered as context; they come
+    first in the prompt and take at most half the budget (docs/prompts.md). 0 turns this off."""
 
     cache_size: int = field(default=32, metadata=_limits(0, 1024))
     """Recent completions remembered, so that typing along a suggestion is answered at once without
