@@ -84,7 +84,8 @@ def prepare_decode_kernels(model: Transformer, rows: Iterable[int], kernel: str 
     dtype = model.tok_embeddings.weight.dtype
     rows = sorted(set(rows))
     if kernel == "compiled":
-        fn = _compiled(backend, specialisations=len(rows) * len({tuple(m.weight.shape) for m in layers}))
+        _specialisations.update((backend, tuple(m.weight.shape), n, dtype) for m in layers for n in rows)
+        fn = _compiled(backend, specialisations=len(_specialisations))
     elif kernel == "int8pack":
         fn = int8pack_matmul
     else:
@@ -102,11 +103,12 @@ def prepare_decode_kernels(model: Transformer, rows: Iterable[int], kernel: str 
 
 
 _compiled_fns: dict[str, KernelFn] = {}
+_specialisations: set[tuple] = set()  # every (backend, weight shape, rows, dtype) prepared in this process
 
 
 def _compiled(backend: str, specialisations: int) -> KernelFn:
     """int8_matmul under torch.compile with static shapes, allowed as many specialisations as the
-    model's (weight shape, bucket) pairs need (dynamo counts them per function)."""
+    (weight shape, bucket) pairs of every model prepared so far need (dynamo counts them per function)."""
     import torch._dynamo
     import torch._inductor.config
 
