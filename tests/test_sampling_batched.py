@@ -91,8 +91,8 @@ def test_mixed_greedy_and_sampled_rows_in_one_batch(tiny_loaded):
     assert seqs[1].generated == generate_text(tiny_loaded, [1, 2, 3], sampled).tokens
 
 
-def scheduler_of(loaded, requests, decode=None, vocab_size=None):
-    cache = KVCache(loaded.model.args, 40)
+def scheduler_of(loaded, requests, decode=None):
+    cache = KVCache(loaded.model.args, 40, device=loaded.device)
     tokenizer = loaded.tokenizer
     sched = Scheduler(loaded.model, tokenizer, BlockPool(cache), max_batch=len(requests), max_seq_len=256,
                       decode=decode)
@@ -106,10 +106,13 @@ def run(sched):
     return events
 
 
-@pytest.fixture
-def padded_model(tiny_hf):
+DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]
+
+
+@pytest.fixture(params=DEVICES)
+def padded_model(tiny_hf, request):
     """The tiny model with its vocabulary padded from 512 to 576 rows, the padding rows' output
-    weights made huge so that, unmasked, they would win every greedy choice."""
+    weights made huge so that, unmasked, they would win every greedy choice (on a GPU: through graphs)."""
     from qgpt_code import load_model
     from qgpt_code.model import Transformer
 
@@ -121,14 +124,15 @@ def padded_model(tiny_hf):
     state["tok_embeddings.weight"] = torch.cat([state["tok_embeddings.weight"], extra])
     state["output.weight"] = torch.cat([state["output.weight"], extra * 100])
     padded.load_state_dict(state)
-    loaded.model = padded.eval().requires_grad_(False)
+    loaded.model = padded.eval().requires_grad_(False).to(request.param)
     return loaded
 
 
 def test_a_padded_vocabulary_never_emits_an_id_beyond_the_tokenizer(padded_model):
     assert padded_model.tokenizer.vocab_size == 512
+    device = padded_model.device
     with torch.inference_mode():  # unmasked, the padding would win: this test can fail
-        raw = padded_model.model(torch.tensor([[1, 5, 6]]), torch.arange(3)[None])
+        raw = padded_model.model(torch.tensor([[1, 5, 6]], device=device), torch.arange(3, device=device)[None])
     assert raw[0, -1].argmax() >= 512
     for params in (SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True),
                    SamplingParams(max_new_tokens=20, temperature=1.0, top_p=1.0, seed=2, ignore_eos=True)):
@@ -136,11 +140,15 @@ def test_a_padded_vocabulary_never_emits_an_id_beyond_the_tokenizer(padded_model
         assert all(c.finish_reason == "length" and max(c.tokens) < 512 for c in completions)
 
 
-def test_one_bad_row_never_fails_its_neighbours(tiny_loaded, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_bad_row_never_fails_its_neighbours(tiny_hf, monkeypatch, device):
     """Row logits holding NaN, and a row whose sampling raises: those sequences end with an error,
     the others run to the end with the tokens they get alone."""
     import qgpt_code.scheduler as scheduler_module
+    from qgpt_code import load_model
     from qgpt_code.decode_step import EagerDecode
+
+    tiny_loaded = load_model(tiny_hf[1], device=device, dtype="float32")
 
     greedy = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
     cursed = SamplingParams(max_new_tokens=10, temperature=0.7, top_k=13, ignore_eos=True)
