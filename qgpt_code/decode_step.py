@@ -162,7 +162,6 @@ def make_decode(model: Transformer, cache: KVCache, max_batch: int, max_seq_len:
     model on the CPU (when a C compiler can build them), else plain PyTorch; `eager` forces the last."""
     from qgpt_code import cpu_decode
     from qgpt_code.native import cpu_kernels
-
     from qgpt_code.quantize import prepare_decode_kernels
 
     if eager:
