@@ -3,7 +3,8 @@
 Prints, side by side from one run on one card:
 - cold prefill time-to-first-token for 2,048 tokens, and TTFT for the same 2,016-token prefix cached
   plus 32 new tokens (ratio warm/cold);
-- decode tokens/s at batch 1 and batch 8 (EOS ignored, 128 new tokens per stream);
+- decode tokens/s at batch 1 and batch 8 (EOS ignored, 128 new tokens per stream), greedy and, at
+  batch 8, sampled (temperature 0.8, top-p 0.95, top-k 50, seeded: the batched device sampler's cost);
 - eight editors, one file (bench/prefix_cpu.py's workload: a 1,500-token file cut at 8 cursors over
   its last 10%, 32 new tokens each, all at once) against one editor: aggregate tokens/s, tokens
   computed, peak KV memory held by running sequences;
@@ -52,12 +53,14 @@ def timed_first_token(engine, prompt) -> float:
     return time.perf_counter() - start
 
 
-def decode_rate(engine, batch: int, new_tokens: int = 128) -> float:
+def decode_rate(engine, batch: int, new_tokens: int = 128, sampled: bool = False) -> float:
     from qgpt_code.engine import Request
     from qgpt_code.generation import SamplingParams
 
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
-    handles = [engine.submit(Request([1] + [100 + i] * 16, params)) for i in range(batch)]
+    handles = [engine.submit(Request([1] + [100 + i] * 16, params if not sampled else SamplingParams(
+        max_new_tokens=new_tokens, temperature=0.8, top_p=0.95, top_k=50, seed=i, ignore_eos=True)))
+        for i in range(batch)]
     threads = [threading.Thread(target=h.result) for h in handles]
     start = time.perf_counter()
     for t in threads:
@@ -114,6 +117,8 @@ def main() -> None:
         for batch in (1, 8):
             decode_rate(engine, batch, 8)  # warm-up
             print(f"decode batch {batch}: {decode_rate(engine, batch):.1f} tok/s aggregate")
+        print(f"decode batch 8 sampled (T 0.8, top-p 0.95, top-k 50): {decode_rate(engine, 8, sampled=True):.1f} "
+              "tok/s aggregate")
         for editors in (1, 8):
             print(editors_case(engine, args, g, editors))
         print(engine.stats())
