@@ -17,7 +17,7 @@ ranks read their half of the weights from the same memory). On a machine with N 
 rank r uses cuda:r and NCCL; that is the number that matters.
 
     python bench/tp.py [--preset tiny-100m] [--tp 2] [--device cpu|cuda] [--dtype float32|bfloat16]
-                       [--prompt-tokens 128] [--new-tokens 64] [--batch 1] [--repeats 3]
+                       [--prompt-tokens 128] [--new-tokens 64] [--batch 1] [--repeats 3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -37,12 +37,16 @@ from counting_tokenizer import CountingTokenizer  # noqa: E402
 
 
 def build_model(preset_name: str, device: str, dtype: str):
+    """Random weights from one seed (identical in every process), placed as a loaded checkpoint's are
+    (assemble.build_model: on the CPU, projections column-major, as the loaders store them)."""
+    from qgpt_code.checkpoints.assemble import build_model as assemble
     from qgpt_code.config import preset
-    from qgpt_code.model import Transformer
+    from qgpt_code.model import Transformer, checkpoint_tensors
 
     torch.manual_seed(0)
-    model = Transformer(preset(preset_name))  # CPU, float32: identical in every process from one seed
-    return model.to(device=device, dtype=getattr(torch, dtype)).eval().requires_grad_(False)
+    whole = Transformer(preset(preset_name))
+    tensors = ((name, t, "random") for name, t in checkpoint_tensors(whole).items())
+    return assemble(whole.args, tensors, torch.device(device), getattr(torch, dtype))
 
 
 def prompts(cfg: dict) -> list[list[int]]:
@@ -81,7 +85,7 @@ def rank_main(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
     if cfg["device"] == "cuda":
         torch.cuda.set_device(device)
     else:
-        torch.set_num_threads(max(1, cfg["threads"] // world))
+        torch.set_num_threads(cfg["threads"])
     dist.init_process_group("nccl" if cfg["device"] == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=world)
     dist.all_reduce(torch.zeros(1, device=device))
@@ -133,11 +137,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs on a GPU")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads per process, every side alike (default 1: on a shared machine, several "
+                             "OpenMP threads per process spin against the neighbours and swing the figures 5x)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds each multi-process side may take")
     args = parser.parse_args()
     cfg = {"preset": args.preset, "device": args.device, "dtype": args.dtype or ("bfloat16" if args.device == "cuda" else "float32"),
            "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "batch": args.batch,
-           "repeats": args.repeats, "eager": args.eager, "threads": torch.get_num_threads()}
+           "repeats": args.repeats, "eager": args.eager, "threads": args.threads}
+    torch.set_num_threads(args.threads)
     worlds = [int(n) for n in args.tp.split(",") if n.strip()]
     if args.device == "cuda" and max(worlds) > torch.cuda.device_count():
         raise SystemExit(f"--tp {max(worlds)} needs {max(worlds)} GPUs; this machine has {torch.cuda.device_count()}")
@@ -148,7 +156,7 @@ def main() -> None:
     from qgpt_code.generation import generate
 
     device = "cuda:0" if args.device == "cuda" else "cpu"
-    plain_model = build_model(args.preset, "cpu", "float32").to(device=device, dtype=getattr(torch, cfg["dtype"]))
+    plain_model = build_model(args.preset, device, cfg["dtype"])
     seconds, plain_tokens = timed_generations(lambda m, *a: generate(m, *a, eager=args.eager or args.device == "cpu"),
                                               plain_model, cfg)
     del plain_model
