@@ -101,6 +101,26 @@ def test_rows_without_a_kernel_take_the_plain_product_with_the_same_result(tiny_
         prepare_decode_kernels(loaded.model, [1], kernel="triton")
 
 
+def test_graph_buckets_run_the_prepared_kernels_and_give_the_eager_tokens(tiny_hf, monkeypatch):
+    """The decode graphs' padded batches (3 rows -> bucket 4) go through the kernels prepared for the
+    buckets without compiling, and give the tokens of the plain product. On the CPU the graphs are
+    the recorder of tests/test_decode_step.py (a replay recomputes the step on the static buffers)."""
+    import qgpt_code.decode_step as decode_step
+    from test_decode_step import prompts_of, replaying_recorder, run_greedy
+
+    monkeypatch.setattr(decode_step, "KV_BUCKET", 32)  # several key buckets within the tiny context
+    loaded = int8_model(tiny_hf)
+    prompts = prompts_of([5, 40, 17])
+    eager, _, _ = run_greedy(loaded, prompts, lambda m, c, b: decode_step.EagerDecode(m, c), max_new_tokens=30)
+    prepare_decode_kernels(loaded.model, BUCKETS, kernel="compiled", backend="eager")
+    calls = count_kernel_calls(loaded.model)
+    after_start_up = compilations()
+    graphed, _, _ = run_greedy(loaded, prompts, lambda m, c, b: decode_step.GraphedDecode(
+        m, c, 4, 256, capture=replaying_recorder), max_new_tokens=30)
+    assert compilations() == after_start_up and calls["n"] > 0
+    assert graphed == eager
+
+
 @cuda
 def test_cuda_int8_compiles_at_start_up_only_and_graphs_equal_eager(tiny_hf):
     """The real thing: inductor kernels compiled while the engine starts, captured in the graphs;
