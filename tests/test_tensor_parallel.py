@@ -75,15 +75,20 @@ def test_tp2_greedy_generation_is_identical(meta_run, reference):
     assert meta_run[0]["engine_reused"] == reference["engine_reused"] > 0  # prefix blocks shared (and copied)
 
 
-def test_other_shard_counts_and_hf_safetensors_split_at_load(meta_dir, tiny_hf, tmp_path):
-    """TP=2 over a 4-shard and a 1-shard Meta checkpoint (each rank joins two shards, or narrows the one)
-    and over HF safetensors (rows and columns read through get_slice): the same logits as one process."""
+def test_other_shard_counts_hf_and_gguf_split_at_load(meta_dir, tiny_hf, sp_proto, tmp_path):
+    """TP=2 over a 4-shard and a 1-shard Meta checkpoint (each rank joins two shards, or narrows the one),
+    HF safetensors (rows and columns read through get_slice) and an F32 GGUF (each tensor narrowed after
+    reading): the same logits as one process."""
+    from gguf_builders import sentencepiece_metadata, write_llama_gguf
+
     from qgpt_code import load_model
 
     state = {k: v.clone() for k, v in checkpoint_tensors(random_model(preset("tiny"), 0)).items()}
     four = write_meta_dir(state, meta_params(preset("tiny")), tmp_path / "four", None, n_shards=4)
     one = write_meta_dir(state, meta_params(preset("tiny")), tmp_path / "one", None, n_shards=1)
-    paths = [four, one, tiny_hf[1]]
+    gguf = tmp_path / "tiny.gguf"
+    write_llama_gguf(gguf, tiny_hf[0], sentencepiece_metadata(sp_proto))
+    paths = [four, one, tiny_hf[1], gguf]
     spawn(logits_worker, 2, [str(p) for p in paths], str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert [ranks[r][0]["opened"] for r in range(2)] == [["consolidated.00.pth", "consolidated.01.pth"],
