@@ -191,6 +191,8 @@ def answer_is_complete(text: str, cursor: Cursor, suffix: str) -> bool:
     has left the enclosing block (past its whole lines, the first non-blank character of a new line shows
     a dedent or a closing bracket), or its complete lines repeat the lines after the cursor."""
     answer = start_of_answer(text, cursor)
+    if text.strip() and not answer.strip():
+        return True  # its first line is already outside the block (drop_leading_blank_lines left nothing)
     if answer[block_end(answer, cursor) :].strip():
         return True
     expected = _following_lines(suffix)[:_CONFIRM_LINES]

@@ -140,6 +140,8 @@ def engine_checks(text: str):
     ("language", "prefix", "suffix", "raw", "stops_before"),
     [
         ("python", NEOVIM_PREFIX, NEOVIM_SUFFIX, NEOVIM_RAW, "ef calculate"),
+        # what the default model wrote for HumanEval/0's body: nothing inside the function at all
+        ("python", NEOVIM_PREFIX, NEOVIM_SUFFIX, "\n\n# Example usage:\nprint(area_of_circle(1.0))", " Example"),
         ("javascript", "function add(a, b) {\n  ", "\n}\n", "return a + b;\n}\n\nfunction sub(a, b) {", "\n\nfunction"),
         ("go", "func f() {\n\t", "\n", "x := 1\n\tuse(x)\n}\n\nfunc g() {\n}", "func g"),
         ("c", "int f(void) {\n    ", "\n}\n", "return 0;\n}\nint g(void) {", "\nint g"),
