@@ -35,7 +35,7 @@ def left_block(inserted: str, problem: Problem) -> bool:
     if not middle:
         return False
     cursor_line = problem.prompt[problem.prompt.rfind("\n") + 1 :]
-    floor = min(indentation(cursor_line + middle[0]), *(indentation(line) for line in middle[1:]))
+    floor = min([indentation(cursor_line + middle[0]), *(indentation(line) for line in middle[1:])])
     return any(line.strip() and indentation(line) < floor for line in inserted.split("\n")[1:])
 
 

@@ -25,6 +25,8 @@ def test_left_block_is_judged_against_the_code_the_suggestion_replaces():
     assert inner.canonical_solution.startswith("            if idx != idx2:")
     assert not left_block("            if idx != idx2:\n                pass", inner)
     assert left_block("            pass\n        return True", inner)  # back in the outer loop
+    one_line = load_tasks("single-line")["SingleLineInfilling/HumanEval/0/L0"]  # `    for idx, elem in ...`
+    assert left_block("    for x in y:\nprint(1)", one_line) and not left_block("    for x in y:\n        z()", one_line)
     assert leading_blank("\n    return 1") and leading_blank("  \nx") and not leading_blank("return 1\n")
     assert not leading_blank("\n")  # nothing follows: an empty suggestion, counted apart
 
