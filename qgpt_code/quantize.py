@@ -17,6 +17,7 @@ Embeddings and norms stay in floating point.
 
 from __future__ import annotations
 
+import sys
 from typing import Callable, Iterable
 
 import torch
@@ -76,7 +77,9 @@ def prepare_decode_kernels(model: Transformer, rows: Iterable[int], kernel: str 
     buckets), running each once now so that any compilation happens here and never at request time.
     Idempotent; returns how many (layer, rows) pairs were new. `kernel` defaults to DECODE_KERNEL;
     `backend` is torch.compile's (tests on the CPU pass "eager" to count compilations without paying
-    for code generation)."""
+    for code generation). A kernel that cannot be made here (no compiler toolchain, an op this torch
+    lacks on this device) is reported on stderr and the model keeps the plain product: slower, same
+    results, still nothing compiled at request time."""
     kernel = kernel or DECODE_KERNEL
     layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
     if not layers or kernel == "dequant":
@@ -90,16 +93,23 @@ def prepare_decode_kernels(model: Transformer, rows: Iterable[int], kernel: str 
         fn = int8pack_matmul
     else:
         raise ValueError(f"unknown int8 decode kernel {kernel!r}: choose compiled, int8pack or dequant")
-    new = 0
-    with torch.inference_mode():
-        for layer in layers:
-            for n in rows:
-                if (n, dtype) in layer.decode_kernels:
-                    continue
-                fn(torch.zeros(n, layer.weight.shape[1], dtype=dtype, device=layer.weight.device), layer.weight, layer.scales)
-                layer.decode_kernels[n, dtype] = fn
-                new += 1
-    return new
+    made: list[tuple[Int8Linear, tuple[int, torch.dtype]]] = []
+    try:
+        with torch.inference_mode():
+            for layer in layers:
+                for n in rows:
+                    if (n, dtype) not in layer.decode_kernels:
+                        fn(torch.zeros(n, layer.weight.shape[1], dtype=dtype, device=layer.weight.device),
+                           layer.weight, layer.scales)
+                        made.append((layer, (n, dtype)))
+    except Exception as exc:  # all or nothing: a half-prepared model would mix kernels by layer
+        reason = (str(exc).strip().splitlines() or [""])[-1]
+        print(f"qgpt: int8 decode kernel {kernel!r} unavailable ({type(exc).__name__}: {reason}); "
+              "int8 layers use the plain matrix product", file=sys.stderr, flush=True)
+        return 0
+    for layer, key in made:
+        layer.decode_kernels[key] = fn
+    return len(made)
 
 
 _compiled_fns: dict[str, KernelFn] = {}

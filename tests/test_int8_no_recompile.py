@@ -121,6 +121,28 @@ def test_graph_buckets_run_the_prepared_kernels_and_give_the_eager_tokens(tiny_h
     assert graphed == eager
 
 
+def test_a_kernel_that_cannot_be_made_leaves_the_plain_product(tiny_hf, monkeypatch, capsys):
+    """A start-up failure (here: the fused op raising) is one line on stderr, no kernel is half
+    installed, and the model still computes what it did."""
+    import qgpt_code.quantize as quantize
+
+    loaded = int8_model(tiny_hf)
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(1))
+    layer = loaded.model.layers[0].attention.wqkv
+    with torch.inference_mode():
+        before = layer(x)
+
+    def broken(*args):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(quantize, "int8pack_matmul", broken)
+    assert prepare_decode_kernels(loaded.model, BUCKETS, kernel="int8pack") == 0
+    assert "int8 decode kernel 'int8pack' unavailable (RuntimeError: no kernel image" in capsys.readouterr().err
+    assert all(not m.decode_kernels for m in loaded.model.modules() if isinstance(m, Int8Linear))
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), before, rtol=0, atol=0)
+
+
 @cuda
 def test_cuda_int8_compiles_at_start_up_only_and_graphs_equal_eager(tiny_hf):
     """The real thing: inductor kernels compiled while the engine starts, captured in the graphs;
