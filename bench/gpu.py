@@ -481,7 +481,14 @@ def measure_int8(setup: Setup, report: Report, loaded, reference: torch.Tensor |
     int8_engine_row(setup, report, loaded, quantize.DECODE_KERNEL, main=True)
     if reference is not None:
         report.attempt("int8 logits", report_int8_logits, setup, report, loaded.model, reference, prompt)
-    if setup.is_cuda:  # the alternatives, to check the choice in quantize.py against the numbers
+
+
+def measure_int8_alternatives(setup: Setup, report: Report, loaded) -> None:
+    """The other int8 decode kernels, to check the choice in quantize.py against the numbers (GPU only:
+    the CPU decodes int8 through its own C kernels). Last in the run: the targets come first."""
+    from qgpt_code import quantize
+
+    if setup.is_cuda:
         for kernel in setup.int8_kernels:
             if kernel != quantize.DECODE_KERNEL:
                 int8_engine_row(setup, report, loaded, kernel, main=False)
@@ -715,10 +722,13 @@ def run(setup: Setup) -> None:
     else:  # copied now, while our weights are still bf16; measured last (its compile is the slow, risky part)
         hf = report.attempt("transformers static cache", hf_copy, loaded.model, setup)
     report.attempt("int8", measure_int8, setup, report, loaded, reference, logits_prompt)
-    del loaded
-    free_memory(setup.device)
     if hf is not None:
         report.attempt("transformers static cache", measure_transformers, setup, report, hf, reference, logits_prompt)
+        del hf
+        free_memory(setup.device)
+    report.attempt("int8 kernels", measure_int8_alternatives, setup, report, loaded)
+    del loaded
+    free_memory(setup.device)
     if setup.is_cuda:
         print(f"peak GPU memory allocated: {torch.cuda.max_memory_allocated(setup.device) / 2**30:.1f} GiB", flush=True)
     print_targets(report)
