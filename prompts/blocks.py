@@ -236,8 +236,11 @@ def block_end(completion: str, cursor: Cursor) -> int:
     position, has_content = 0, False
     for index, line in enumerate(completion.split("\n")):
         line_end = position + len(line)
-        if index and line.strip() and depth == 0:
-            cut = position - 1  # before this line: at the previous line break
+        # the cursor's own line is in the block, unless the completion writes it from the indentation
+        # (an empty line: then its indentation is the completion's)
+        if (index or cursor.in_indentation) and line.strip() and depth == 0:
+            line = cursor.line_before + line if index == 0 else line
+            cut = max(position - 1, 0)  # before this line: at the previous line break (or nothing)
             if (syntax.indented and cursor.block_indent is not None
                     and indentation(line) < cursor.block_indent):
                 return cut  # a dedent past the block

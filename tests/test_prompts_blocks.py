@@ -42,6 +42,11 @@ def test_the_neovim_case_fills_the_body_and_nothing_else():
         ("python", "def f(xs):\n", "\n", "\n    return xs\n", "    return xs"),
         # ... and a first line indented less than the cursor is outside the block: nothing to insert
         ("python", "def f(xs):\n    ", "\n\n\ndef g():\n    pass\n", "\ndef h():\n    pass", ""),
+        # ... at column 0 inside a function, a first line at column 0 is outside it (what the default model
+        # wrote for a HumanEval span)
+        ("python", "def f(xs):\n    ys = sorted(xs)\n", "\n    return ys\n", "def g(xs):\n    return xs", ""),
+        ("python", "def f(xs):\n    ys = sorted(xs)\n", "\n", "```\n\nThe function sorts", ""),
+        ("go", "func f() {\n", "\n}\n", "func g() {\n}", ""),
         # -- whitespace the cursor's line already has (the 5-space indent)
         ("python", "def f(xs):\n    ", "\n", " return len(xs)", "return len(xs)"),
         ("typescript", "const total = ", "\n", " items.length;", "items.length;"),
