@@ -92,6 +92,7 @@ class Leader:
         self.lock = threading.RLock()
         self.cache: KVCache | None = None
         self.stopped = False
+        self.out_of_step: str | None = None  # why the ranks may no longer be at the same collective
         self._last_sent = time.monotonic()
         self._pinger = threading.Thread(target=self._ping, args=(ping_seconds,), name="qgpt-tp-ping", daemon=True)
         self._pinger.start()
@@ -99,14 +100,28 @@ class Leader:
     def _send(self, op: int, *fields: int, payload: torch.Tensor | None = None) -> None:
         if self.stopped:
             raise QGPTError("the tensor-parallel group has been stopped")
+        if self.out_of_step:
+            raise QGPTError(f"the tensor-parallel ranks are out of step after {self.out_of_step}: restart")
         self.link.send(op, *fields, payload=payload)
         self._last_sent = time.monotonic()
+
+    def run(self, op: int, fields: tuple[int, ...], payload: torch.Tensor | None, compute):
+        """Announce one computation, then do rank 0's part of it. If rank 0's part fails (out of memory,
+        SIGTERM mid-step), the followers may be waiting in a collective rank 0 never reaches: no more
+        calls go out, and `stop` does not wait for them (they exit when this process does)."""
+        with self.lock:
+            self._send(op, *fields, payload=payload)
+            try:
+                return compute()
+            except BaseException as exc:
+                self.out_of_step = f"{type(exc).__name__} on rank 0 in the middle of a step"
+                raise
 
     def _ping(self, seconds: float) -> None:
         while True:
             time.sleep(seconds / 4)
             with self.lock:
-                if self.stopped:
+                if self.stopped or self.out_of_step:
                     return
                 if time.monotonic() - self._last_sent >= seconds:
                     try:
@@ -126,9 +141,7 @@ class Leader:
             copy_locally = cache.copy_block
 
             def copy_block(src: int, dst: int) -> None:
-                with self.lock:
-                    self._send(COPY, src, dst)
-                    copy_locally(src, dst)
+                self.run(COPY, (src, dst), None, lambda: copy_locally(src, dst))
 
             cache.copy_block = copy_block  # this instance only: the pool calls it, the followers follow
             self.cache = cache
@@ -143,22 +156,23 @@ class Leader:
             batch, length = tokens.shape
             parts = [tokens, positions] + [t for t in (tables, last_index) if t is not None]
             payload = torch.cat([p.reshape(-1).to(torch.long) for p in parts])
-            self._send(FORWARD, batch, length, -1 if tables is None else tables.shape[1],
-                       -1 if kv_len is None else kv_len, int(last_index is not None),
-                       -1 if causal_from is None else causal_from, int(cache is not None), payload=payload)
-            return self.model(tokens, positions, cache, tables=tables, kv_len=kv_len, last_index=last_index,
-                              causal_from=causal_from)
+            fields = (batch, length, -1 if tables is None else tables.shape[1], -1 if kv_len is None else kv_len,
+                      int(last_index is not None), -1 if causal_from is None else causal_from, int(cache is not None))
+            return self.run(FORWARD, fields, payload, lambda: self.model(
+                tokens, positions, cache, tables=tables, kv_len=kv_len, last_index=last_index, causal_from=causal_from))
 
     def make_decode(self, cache: KVCache, max_batch: int, max_seq_len: int, eager: bool = False) -> "LeaderDecode":
         with self.lock:
             self.use_cache(cache)
-            self._send(MAKE_DECODE, max_batch, max_seq_len, int(eager))
-            return LeaderDecode(self, local_decode(self.model, cache, max_batch, max_seq_len, eager, _graph_progress))
+            inner = self.run(MAKE_DECODE, (max_batch, max_seq_len, int(eager)), None,
+                             lambda: local_decode(self.model, cache, max_batch, max_seq_len, eager, _graph_progress))
+            return LeaderDecode(self, inner)
 
     def stop(self) -> None:
         """Tell the followers to exit (once; a follower already gone is not an error here)."""
         with self.lock:
-            if self.stopped:
+            if self.stopped or self.out_of_step:
+                self.stopped = True
                 return
             try:
                 self._send(STOP)
@@ -176,9 +190,8 @@ class LeaderDecode:
 
     def __call__(self, tokens: Sequence[int], positions: Sequence[int], tables: Sequence[Sequence[int]]) -> torch.Tensor:
         values = _pack_decode(tokens, positions, tables)
-        with self.leader.lock:
-            self.leader._send(DECODE, len(tokens), len(values), payload=torch.tensor(values, dtype=torch.long))
-            return self.inner(tokens, positions, tables)
+        return self.leader.run(DECODE, (len(tokens), len(values)), torch.tensor(values, dtype=torch.long),
+                               lambda: self.inner(tokens, positions, tables))
 
 
 class LeaderModel(nn.Module):
