@@ -74,19 +74,23 @@ def _check_generation_args(args: argparse.Namespace, text: str, what: str) -> No
     check_sampling_options(args)
 
 
-def _print_stream(loaded, prompt_tokens: list[int], params, eager: bool) -> None:
+def _print_stream(loaded, prompt_tokens: list[int], params, eager: bool, speculate: bool) -> None:
     """The completion as it is generated, then a newline if it did not end with one (the shell's
     prompt must not land on its last line; the text itself is otherwise printed as is)."""
     from qgpt_code.distributed.launch import world_size
 
     if world_size() > 1:  # tensor parallel: the decode step is built on every rank together
         from qgpt_code.distributed.runner import stream_text
+
+        options = {}  # no speculation under tensor parallelism yet (docs/scale.md)
     else:
         from qgpt_code.generation import stream_text
 
+        options = {"speculate": speculate}
+
     last = ""
     try:
-        for piece in stream_text(loaded, prompt_tokens, params, eager=eager):
+        for piece in stream_text(loaded, prompt_tokens, params, eager=eager, **options):
             sys.stdout.write(piece)
             sys.stdout.flush()
             last = piece
@@ -103,7 +107,7 @@ def cmd_complete(args: argparse.Namespace) -> int:
     loaded = load_from_args(args)
     tokenizer = loaded.tokenizer
     prompt_tokens = tokenizer.encode(args.prompt, bos=getattr(tokenizer, "add_bos", True))
-    _print_stream(loaded, prompt_tokens, params, eager=args.eager)
+    _print_stream(loaded, prompt_tokens, params, eager=args.eager, speculate=args.speculate == "ngram")
     return 0
 
 
@@ -116,7 +120,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     dialog = ([{"role": "system", "content": args.system}] if args.system else [])
     dialog.append({"role": "user", "content": args.message})
     prompt_tokens = chat_tokens(loaded.info, loaded.tokenizer, dialog)
-    _print_stream(loaded, prompt_tokens, params, eager=args.eager)
+    _print_stream(loaded, prompt_tokens, params, eager=args.eager, speculate=args.speculate == "ngram")
     return 0
 
 

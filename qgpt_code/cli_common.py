@@ -14,6 +14,7 @@ from pathlib import Path
 
 from qgpt_code.errors import QGPTError
 
+DEFAULT_SPECULATION = "ngram"  # bench/speculative.py: edits 2x and more, completions no slower
 API_KEY_ENV = "QGPT_API_KEY"  # the bearer key of `qgpt serve`, and of clients talking to it
 
 
@@ -28,6 +29,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="weight-only int8 for the linear layers, applied after loading")
     parser.add_argument("--eager", action="store_true",
                         help="run decode steps as plain PyTorch: no CUDA graphs on a GPU, no fused kernels on the CPU")
+    parser.add_argument("--speculate", choices=["ngram", "off"], default=DEFAULT_SPECULATION,
+                        help="guess tokens from the text itself and verify them in the same step, same output "
+                             f"(default: {DEFAULT_SPECULATION}; see docs/engine.md)")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -137,10 +141,14 @@ def sampling_from_args(args: argparse.Namespace):
 
 def engine_from_args(args: argparse.Namespace, loaded):
     """A serving Engine over `loaded`, sized by the engine options."""
+    from qgpt_code.distributed.launch import world_size
     from qgpt_code.engine import Engine
+
+    # Guesses are not yet verified across tensor-parallel ranks (docs/scale.md).
+    speculate = getattr(args, "speculate", "off") == "ngram" and world_size() == 1
 
     engine = Engine(loaded, max_batch=args.max_batch, max_queue=args.max_queue,
                     cache_bytes=args.cache_bytes, max_seq_len=args.max_seq_len,
-                    eager=getattr(args, "eager", False))
+                    eager=getattr(args, "eager", False), speculate=speculate)
     print(f"qgpt: {engine.describe_cache()}", file=sys.stderr, flush=True)
     return engine

@@ -366,6 +366,21 @@ void decode_attention(const float *qkv, float *keys, float *values, const float 
     int64_t keys_read = 0;
     for (int64_t b = 0; b < batch; b++) keys_read += positions[b] + 1;
 
+    /* Every row's new k and v before any row attends: rows may be consecutive positions of one
+     * sequence (speculative decoding feeds guessed tokens that way), each attending to those before it.
+     * Row b's go to row pos % block_size of the head in block table[pos / block_size]. */
+    for (int64_t b = 0; b < batch; b++) {
+        const float *src = qkv + b * width;
+        const int64_t *table = tables + b * table_width;
+        const int64_t pos = positions[b];
+        for (int64_t g = 0; g < n_kv_heads; g++) {
+            const int64_t slot =
+                ((table[pos / block_size] * n_kv_heads + g) * block_size + pos % block_size) * head_dim;
+            rotate(src + (n_heads + g) * head_dim, rope + pos * head_dim, keys + slot, head_dim);
+            memcpy(values + slot, src + (n_heads + n_kv_heads + g) * head_dim, head_dim * sizeof(float));
+        }
+    }
+
 #pragma omp parallel for collapse(2) schedule(static) if (keys_read * n_heads * head_dim > (1 << 16))
     for (int64_t b = 0; b < batch; b++) {
         for (int64_t g = 0; g < n_kv_heads; g++) {
@@ -378,11 +393,6 @@ void decode_attention(const float *qkv, float *keys, float *values, const float 
             const paged k = paged_head(keys, table, length, g, n_kv_heads, block_size, head_dim);
             const paged v = paged_head(values, table, length, g, n_kv_heads, block_size, head_dim);
 
-            /* The new token's k and v: row pos % block_size of the head in block table[pos / block_size]. */
-            const int64_t slot =
-                ((table[pos / block_size] * n_kv_heads + g) * block_size + pos % block_size) * head_dim;
-            rotate(src + (n_heads + g) * head_dim, rot, keys + slot, head_dim);
-            memcpy(values + slot, src + (n_heads + n_kv_heads + g) * head_dim, head_dim * sizeof(float));
             for (int64_t j = 0; j < group; j++)
                 rotate(src + (g * group + j) * head_dim, rot, q + j * head_dim, head_dim);
 

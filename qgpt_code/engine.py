@@ -62,6 +62,7 @@ class RequestHandle:
         self.prompt_tokens = len(request.prompt_tokens)
         self.cached_tokens = 0  # known once admitted: prompt tokens served from the prefix cache
         self.completion_tokens = 0
+        self.tokens_proposed = self.tokens_accepted = 0  # speculation: guessed tokens, and those confirmed
         self.submitted_at = time.monotonic()
         self.started_at: float | None = None  # when the engine thread handed it to the scheduler
         self.first_token_at: float | None = None
@@ -155,6 +156,8 @@ class EngineStats:
     block_size: int  # tokens per block
     evictions: int  # cached blocks evicted for room
     preemptions: int  # running sequences sent back to wait (recomputed later) when the pool ran out
+    tokens_proposed: int = 0  # speculation: guessed tokens fed to the model
+    tokens_accepted: int = 0  # of those, confirmed (each saved a decode step)
 
     @property
     def prefix_hit_rate(self) -> float:
@@ -171,7 +174,8 @@ class Engine:
     max_seq_len: tokens one sequence may hold (prompt and completion; reserves nothing, but at most
     what the pool holds); prefill_budget: prompt tokens computed per step, shared by new requests.
     eager: run the decode step as plain PyTorch (default: CUDA graphs captured at start-up on a GPU,
-    fused kernels on the CPU).
+    fused kernels on the CPU). speculate: guess tokens from each sequence's own text (n-gram lookup,
+    qgpt_code/speculative.py) and verify them as extra rows of the decode step, within max_batch rows.
     """
 
     def __init__(
@@ -183,6 +187,7 @@ class Engine:
         max_seq_len: int | None = None,
         prefill_budget: int = 512,
         eager: bool = False,
+        speculate: bool = False,
     ):
         if max_batch < 1 or max_queue < 0 or prefill_budget < 1:
             raise QGPTError(f"max_batch must be at least 1 (got {max_batch}), max_queue at least 0 (got {max_queue}), "
@@ -204,7 +209,7 @@ class Engine:
         cache, decode = self.runtime.cache, self.runtime.decode
         self.pool = BlockPool(cache)
         self.scheduler = Scheduler(loaded.model, loaded.tokenizer, self.pool, max_batch, self.max_seq_len,
-                                   prefill_budget, decode)
+                                   prefill_budget, decode, speculate=speculate)
         self._lock = threading.Condition()
         self._incoming: deque[RequestHandle] = deque()
         self._handles: dict[int, RequestHandle] = {}  # sequence id -> handle, engine thread only
@@ -259,6 +264,7 @@ class Engine:
                 blocks_total=blocks["total"], blocks_used=blocks["used"], blocks_shared=blocks["shared"],
                 blocks_cached=blocks["cached"], blocks_free=blocks["free"], block_size=pool.block_size,
                 evictions=pool.evictions, preemptions=scheduler.preemptions,
+                tokens_proposed=scheduler.tokens_proposed, tokens_accepted=scheduler.tokens_accepted,
             )
 
     def describe_cache(self) -> str:
@@ -331,6 +337,8 @@ class Engine:
                 handle.cached_tokens = seq.cached_tokens
                 if handle.first_token_at is None:  # the instant its time limit counts from, not the delivery's
                     handle.first_token_at = seq.text.first_token_at
+                if seq.speculation is not None:
+                    handle.tokens_proposed, handle.tokens_accepted = seq.speculation.proposed, seq.speculation.accepted
                 if seq.error is not None:
                     handle.error = seq.error
                 handle._push(event)

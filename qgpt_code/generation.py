@@ -157,6 +157,7 @@ def generate(
     params: SamplingParams,
     max_seq_len: int | None = None,
     eager: bool = False,
+    speculate: bool = False,
 ) -> Iterator[list[tuple[int, TokenEvent]]]:
     """Run prompts together to completion; yield, per step, (prompt index, event) pairs.
 
@@ -164,20 +165,23 @@ def generate(
     take `make_decode`'s fastest path (on a GPU, CUDA graphs), built with a cache on the first call
     and kept on the model: later calls that fit reuse them (sizes are rounded up to powers of two so
     that growing prompts rebuild them rarely). `eager` runs them as plain PyTorch instead.
+    `speculate` verifies n-gram guesses as extra decode rows (qgpt_code/speculative.py).
     """
     from qgpt_code.decode_step import acquire_runtime  # these build on this module's types
     from qgpt_code.scheduler import Scheduler
+    from qgpt_code.speculative import MAX_GUESSES
 
     context = min(max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
     prompts = [fit_prompt(p, context, params.truncate_prompt) for p in prompts]
     lengths = [len(p) + min(params.max_new_tokens, context - len(p)) for p in prompts]
     # Blocks for every sequence's whole length: nothing is ever preempted or evicted.
     blocks = sum(blocks_for(n) for n in lengths)
-    runtime = acquire_runtime(model, _power_of_two(blocks), _power_of_two(len(prompts)),
+    rows = len(prompts) * (1 + MAX_GUESSES) if speculate else len(prompts)  # decode rows, guesses included
+    runtime = acquire_runtime(model, _power_of_two(blocks), _power_of_two(rows),
                               min(_power_of_two(max(lengths)), model.args.max_seq_len), eager)
     try:
-        scheduler = Scheduler(model, tokenizer, BlockPool(runtime.cache), max_batch=len(prompts), max_seq_len=context,
-                              prefill_budget=max(lengths), decode=runtime.decode)
+        scheduler = Scheduler(model, tokenizer, BlockPool(runtime.cache), max_batch=rows, max_seq_len=context,
+                              prefill_budget=max(lengths), decode=runtime.decode, speculate=speculate)
         index = {scheduler.add(p, params).id: i for i, p in enumerate(prompts)}
         while scheduler.has_work():
             yield [(index[seq.id], event) for seq, event in scheduler.step()]
@@ -204,10 +208,11 @@ def generate_text(loaded: LoadedModel, prompt_tokens: Sequence[int], params: Sam
 
 
 def stream_text(
-    loaded: LoadedModel, prompt_tokens: Sequence[int], params: SamplingParams, eager: bool = False
+    loaded: LoadedModel, prompt_tokens: Sequence[int], params: SamplingParams, eager: bool = False,
+    speculate: bool = False,
 ) -> Iterator[str]:
     """The completion of one prompt as text pieces, each ending on a whole character."""
-    for events in generate(loaded.model, loaded.tokenizer, [prompt_tokens], params, eager=eager):
+    for events in generate(loaded.model, loaded.tokenizer, [prompt_tokens], params, eager=eager, speculate=speculate):
         for _, event in events:
             if event.text:
                 yield event.text

@@ -288,6 +288,13 @@ class BlockPool:
             table.blocks.append(block)
         return True
 
+    def trim(self, table: BlockTable) -> None:
+        """Give back blocks reserved beyond the table's tokens and the next one (blocks taken for a
+        speculative step's guesses that the model did not confirm)."""
+        keep = blocks_for(len(table) + 1, self.block_size)
+        while len(table.blocks) > keep:
+            self._unref(table.blocks.pop())
+
     def commit(self, table: BlockTable, tokens: Sequence[int]) -> None:
         """Record that the table's next positions now hold `tokens`' keys/values; every block this
         fills is indexed (or, when an equal block is already cached, replaced by that one)."""

@@ -34,6 +34,7 @@ from qgpt_code.generation import SamplingParams, TextState, TokenEvent, fit_prom
 from qgpt_code.kv_cache import BlockPool, BlockTable, blocks_for, common_prefix_length
 from qgpt_code.model import Transformer
 from qgpt_code.sampling import RowSettings, choose, seeded_uniform, unseeded_uniforms
+from qgpt_code.speculative import RowCost, Speculation, accepted_prefix
 from qgpt_code.tokenizer import Tokenizer
 
 _ids = itertools.count()
@@ -57,6 +58,7 @@ class Sequence:
     abort_reason: str | None = None  # set from outside; acted on at the next step
     finish_reason: str | None = None
     error: str | None = None  # why it ended with finish_reason "error"
+    speculation: Speculation | None = None  # its guesses' state, once the scheduler speculates for it
 
     @property
     def computed(self) -> int:
@@ -94,6 +96,7 @@ class Scheduler:
         max_seq_len: int,
         prefill_budget: int = 512,
         decode: Callable[[list[int], list[int], list[list[int]]], torch.Tensor] | None = None,
+        speculate: bool = False,
     ):
         self.model = model
         self.decode = decode or EagerDecode(model, pool.cache)  # (tokens, positions, tables) -> (B, V)
@@ -112,6 +115,12 @@ class Scheduler:
         self.tokens_reused = 0  # of those, served from the prefix cache
         self.prefix_hits = 0  # admitted requests that reused a cached prefix
         self.preemptions = 0
+        # Speculation feeds guessed tokens as extra decode rows, up to max_batch rows in all: where the
+        # batch alone fills the step, nothing is guessed (compute, not weight reads, would bind).
+        self.speculate = speculate
+        self.row_cost = RowCost()  # what an extra decode row costs here, measured as steps run
+        self.tokens_proposed = 0  # guessed tokens fed to the model
+        self.tokens_accepted = 0  # of those, confirmed by the model's own choice
 
     def add(self, prompt: Seq[int], params: SamplingParams, deadline: float | None = None) -> Sequence:
         """Queue a prompt; raises PromptTooLongError / EmptyPromptError at once if it cannot run."""
@@ -239,18 +248,77 @@ class Scheduler:
         return logits[:, -1]
 
     def _decode(self, seqs: list[Sequence], events: list[tuple[Sequence, TokenEvent]]) -> None:
-        """One token for each sequence (those that get a block for it)."""
+        """One token for each sequence (those that get a block for it), more where guesses hold."""
         for seq in seqs:
             if seq in self.running:
                 self._reserve(seq, 1, events)
         seqs = [s for s in seqs if s in self.running]
         if not seqs:
             return
-        logits = self.decode([s.generated[-1] for s in seqs], [s.computed for s in seqs],
-                             [s.table.blocks for s in seqs])  # (B, V)
+        guesses = self._guesses(seqs)
+        tokens, positions, tables = [], [], []
+        for seq, guessed in zip(seqs, guesses):  # a sequence's rows: its last token, then its guesses
+            fed = [seq.generated[-1], *guessed]
+            tokens += fed
+            positions += range(seq.computed, seq.computed + len(fed))
+            tables += [seq.table.blocks] * len(fed)
+        started = time.perf_counter()
+        logits = self.decode(tokens, positions, tables)  # (rows, V)
+        if any(guesses):
+            self._verify(seqs, guesses, logits, events)
+        else:
+            for seq in seqs:
+                self._computed(seq, seq.generated[-1:])
+            self._choose(seqs, logits, events)
+        if self.speculate:  # the draws fetched the ids to the host: the step's work is done
+            self.row_cost.observe(len(tokens), time.perf_counter() - started)
+
+    def _guesses(self, seqs: list[Sequence]) -> list[list[int]]:
+        """Each sequence's guessed next tokens, within the rows the step has spare, the sequence's
+        budget, the context and the blocks the pool can give (a guess never preempts anyone)."""
+        spare = self.max_batch - len(seqs) if self.speculate else 0
+        row_cost = self.row_cost.fraction
+        guesses = []
         for seq in seqs:
-            self._computed(seq, seq.generated[-1:])
-        self._choose(seqs, logits, events)
+            limit = min(spare, seq.text.budget - 1, self.context - seq.computed - 1)
+            if limit <= 0:
+                guesses.append([])
+                continue
+            if seq.speculation is None:
+                seq.speculation = Speculation()
+            seq.speculation.sync(seq.tokens(0, len(seq.prompt) + len(seq.generated)))
+            guessed = seq.speculation.propose(limit, row_cost)
+            if guessed and not self.pool.reserve(seq.table, 1 + len(guessed)):
+                room = len(seq.table.blocks) * self.pool.block_size - seq.computed - 1
+                guessed = guessed[:room]
+            spare -= len(guessed)
+            guesses.append(guessed)
+        return guesses
+
+    def _verify(self, seqs: list[Sequence], guesses: list[list[int]], logits: torch.Tensor,
+                events: list[tuple[Sequence, TokenEvent]]) -> None:
+        """Draw the model's token at every row, as plain decoding would at that step, keep each
+        sequence's guesses while they equal those draws, and emit the draws up to the first that
+        differs. Keys and values of guesses past it are dropped (their positions are written again)."""
+        row_seqs, steps = [], []
+        for seq, guessed in zip(seqs, guesses):
+            row_seqs += [seq] * (1 + len(guessed))
+            steps += range(len(seq.generated), len(seq.generated) + 1 + len(guessed))
+        choices = self._draws(row_seqs, logits, steps)
+        row = 0
+        for seq, guessed in zip(seqs, guesses):
+            drawn, row = choices[row : row + 1 + len(guessed)], row + 1 + len(guessed)
+            held = accepted_prefix(guessed, [c[0] if isinstance(c, tuple) else None for c in drawn])
+            self._computed(seq, [seq.generated[-1], *guessed[:held]])
+            if guessed:
+                self.pool.trim(seq.table)
+                seq.speculation.record(len(guessed), held)
+                self.tokens_proposed += len(guessed)
+                self.tokens_accepted += held
+            for choice in drawn[: held + 1]:
+                self._take(seq, choice, events)
+                if seq not in self.running:
+                    break
 
     def _reserve(self, seq: Sequence, n: int, events: list[tuple[Sequence, TokenEvent]]) -> bool:
         """Blocks for n more tokens of `seq`, preempting the newest running sequences while the pool
@@ -293,31 +361,42 @@ class Scheduler:
             return
         seqs = [seqs[i] for i in rows]
         logits = logits[rows] if len(rows) < len(logits) else logits
+        for seq, choice in zip(seqs, self._draws(seqs, logits, [len(s.generated) for s in seqs])):
+            self._take(seq, choice, events)
+
+    def _draws(self, seqs: list[Sequence], logits: torch.Tensor, steps: list[int]) -> list:
+        """The draw of each row of (rows, V) logits for `seqs[row]` at its generation step `steps[row]`
+        (seeded rows draw that step's random number): all at once, or, when that fails, row by row,
+        so that only a row that fails alone gets its exception in place of a draw."""
         try:
-            choices = self._draw(seqs, logits)
-        except Exception:  # draw row by row: only a row that fails alone fails
+            return self._draw(seqs, logits, steps)
+        except Exception:
             choices = []
-            for seq, row in zip(seqs, logits):
+            for seq, row, step in zip(seqs, logits, steps):
                 try:
-                    choices += self._draw([seq], row[None])
+                    choices += self._draw([seq], row[None], [step])
                 except Exception as exc:
                     choices.append(exc)
-        for seq, choice in zip(seqs, choices):
-            try:
-                if isinstance(choice, Exception):
-                    raise choice
-                self._sample(seq, choice, events)
-            except Exception as exc:
-                seq.error = f"{type(exc).__name__}: {exc}"
-                events.append((seq, TokenEvent(None, "", finish_reason="error")))
-                self._retire(seq, "error")
+            return choices
 
-    def _draw(self, seqs: list[Sequence], logits: torch.Tensor) -> list:
-        """(token, logprob, bad, top alternatives) per sequence: one batched choice, one host transfer."""
+    def _take(self, seq: Sequence, choice, events: list[tuple[Sequence, TokenEvent]]) -> None:
+        """One draw into its sequence; whatever goes wrong (an exception drawn in its place, logits
+        holding NaN, a token the tokenizer cannot decode, a failing stop check) ends that sequence alone."""
+        try:
+            if isinstance(choice, Exception):
+                raise choice
+            self._sample(seq, choice, events)
+        except Exception as exc:
+            seq.error = f"{type(exc).__name__}: {exc}"
+            events.append((seq, TokenEvent(None, "", finish_reason="error")))
+            self._retire(seq, "error")
+
+    def _draw(self, seqs: list[Sequence], logits: torch.Tensor, steps: list[int]) -> list:
+        """(token, logprob, bad, top alternatives) per row: one batched choice, one host transfer."""
         draws = iter(unseeded_uniforms(sum(s.params.seed is None for s in seqs)))
         settings = [RowSettings(s.params.temperature, s.params.top_p, s.params.top_k,
-                                seeded_uniform(s.params.seed, len(s.generated)) if s.params.seed is not None else next(draws),
-                                s.params.top_logprobs if s.params.logprobs else 0) for s in seqs]
+                                seeded_uniform(s.params.seed, step) if s.params.seed is not None else next(draws),
+                                s.params.top_logprobs if s.params.logprobs else 0) for s, step in zip(seqs, steps)]
         logprobs = any(s.params.logprobs for s in seqs)
         return choose(logits, settings, self.vocab_size, logprobs).fetch()
 

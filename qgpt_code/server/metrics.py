@@ -106,5 +106,9 @@ class _EngineCollector:
             ("qgpt_tokens_computed", "Tokens run through the model (prefill and decode)", stats.tokens_computed),
             ("qgpt_prefix_cache_evictions", "Cached KV blocks evicted for room", stats.evictions),
             ("qgpt_preemptions", "Running sequences sent back to wait when the block pool ran out", stats.preemptions),
+            ("qgpt_speculative_tokens_proposed", "Guessed tokens verified by the model (speculation)",
+             stats.tokens_proposed),
+            ("qgpt_speculative_tokens_accepted", "Guessed tokens the model confirmed (each saved a step)",
+             stats.tokens_accepted),
         ):
             yield CounterMetricFamily(name, help_text, value=value)

@@ -205,7 +205,7 @@ class InfillFormat:
 def timings(handle: RequestHandle) -> dict:
     """llama.cpp's `timings`: the prompt tokens computed (the rest came from the prefix cache) and the
     time from the engine taking the request to the first token; the tokens generated and the time from
-    the first token to the last."""
+    the first token to the last; speculation's guessed tokens and those confirmed (llama.cpp's draft_n)."""
     end = handle.finished_at or time.monotonic()
     first = handle.first_token_at or end
     start = handle.started_at or handle.submitted_at
@@ -217,7 +217,8 @@ def timings(handle: RequestHandle) -> dict:
             "prompt_per_second": 1000 * prompt_n / prompt_ms if prompt_ms else 0.0,
             "predicted_n": predicted_n, "predicted_ms": predicted_ms,
             "predicted_per_token_ms": predicted_ms / predicted_n if predicted_n else 0.0,
-            "predicted_per_second": 1000 * predicted_n / predicted_ms if predicted_ms else 0.0}
+            "predicted_per_second": 1000 * predicted_n / predicted_ms if predicted_ms else 0.0,
+            "draft_n": handle.tokens_proposed, "draft_n_accepted": handle.tokens_accepted}
 
 
 def pick_fields(body: dict, paths: Sequence[str]) -> dict:
