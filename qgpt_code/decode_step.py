@@ -162,13 +162,17 @@ def make_decode(model: Transformer, cache: KVCache, max_batch: int, max_seq_len:
     model on the CPU (when a C compiler can build them), else plain PyTorch; `eager` forces the last."""
     from qgpt_code import cpu_decode
     from qgpt_code.native import cpu_kernels
-    from qgpt_code.quantize import prepare_decode_kernels
+    from qgpt_code.quantize import DECODE_KERNEL, int8_layers, prepare_decode_kernels
 
     if eager:
         return EagerDecode(model, cache)
     if model.tok_embeddings.weight.device.type == "cuda":
-        # int8 kernels for exactly the rows the graphs will run, compiled now and captured with them
-        prepare_decode_kernels(model, power_of_two_buckets(1, max_batch))
+        # int8 kernels for exactly the rows the graphs will run, made now and captured with them
+        buckets = power_of_two_buckets(1, max_batch)
+        if int8_layers(model) and DECODE_KERNEL != "dequant":
+            print(f"qgpt: preparing int8 decode kernels ({DECODE_KERNEL}) for batch {', '.join(map(str, buckets))}",
+                  file=sys.stderr, flush=True)
+        prepare_decode_kernels(model, buckets)
         return GraphedDecode(model, cache, max_batch, max_seq_len, progress=_stderr_progress)
     if cpu_decode.supports(model, cache) and (kernels := cpu_kernels()) is not None:
         return cpu_decode.NativeCpuDecode(model, cache, kernels, max_seq_len)

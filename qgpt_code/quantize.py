@@ -81,7 +81,7 @@ def prepare_decode_kernels(model: Transformer, rows: Iterable[int], kernel: str 
     lacks on this device) is reported on stderr and the model keeps the plain product: slower, same
     results, still nothing compiled at request time."""
     kernel = kernel or DECODE_KERNEL
-    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    layers = int8_layers(model)
     if not layers or kernel == "dequant":
         return 0
     dtype = model.tok_embeddings.weight.dtype
@@ -110,6 +110,10 @@ def prepare_decode_kernels(model: Transformer, rows: Iterable[int], kernel: str 
     for layer, key in made:
         layer.decode_kernels[key] = fn
     return len(made)
+
+
+def int8_layers(model: nn.Module) -> list[Int8Linear]:
+    return [m for m in model.modules() if isinstance(m, Int8Linear)]
 
 
 _compiled_fns: dict[str, KernelFn] = {}
