@@ -108,17 +108,18 @@ class ModelArgs:
 
 def hf_rope_scaling(config: dict[str, Any]) -> float:
     """The linear position-interpolation factor of an HF config (`rope_scaling`, or transformers 5's
-    `rope_parameters`): 1.0 for none or "default"; a ValueError naming any other type, which this
+    `rope_parameters`): 1.0 for none or "default"; a CheckpointError naming any other type, which this
     engine does not implement (dynamic NTK, YaRN, Llama 3's and the rest change more than positions)."""
     scaling = config.get("rope_scaling") or config.get("rope_parameters") or {}
     kind = scaling.get("rope_type") or scaling.get("type") or "default"
     if kind == "default":
         return 1.0
     if kind != "linear":
-        raise ValueError(f"rope_scaling type {kind!r} is not supported: QGPT applies only 'linear' (position interpolation)")
+        raise CheckpointError(f"rope_scaling type {kind!r} is not supported: QGPT applies only 'linear' "
+                              "(position interpolation)")
     factor = scaling.get("factor")
     if not isinstance(factor, (int, float)) or factor <= 0:
-        raise ValueError(f"rope_scaling type 'linear' needs a positive factor, got {factor!r}")
+        raise CheckpointError(f"rope_scaling type 'linear' needs a positive factor, got {factor!r}")
     return float(factor)
 
 

@@ -46,6 +46,8 @@ def read_args(path: Path) -> ModelArgs:
         raise CheckpointError(f"{path / 'config.json'}: model_type {config.get('model_type')!r} is not a llama model")
     try:
         return ModelArgs.from_hf_config(config)
+    except CheckpointError as exc:  # a setting this engine refuses (rope_scaling), named in the message
+        raise CheckpointError(f"{path / 'config.json'}: {exc}") from None
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path / 'config.json'}: invalid llama config ({exc!r})") from None
 
