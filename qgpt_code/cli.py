@@ -77,9 +77,9 @@ def _check_generation_args(args: argparse.Namespace, text: str, what: str) -> No
 def _print_stream(loaded, prompt_tokens: list[int], params, eager: bool, speculate: bool) -> None:
     """The completion as it is generated, then a newline if it did not end with one (the shell's
     prompt must not land on its last line; the text itself is otherwise printed as is)."""
-    from qgpt_code.distributed.launch import world_size
+    from qgpt_code.distributed.launch import tensor_parallel
 
-    if world_size() > 1:  # tensor parallel: the decode step is built on every rank together
+    if tensor_parallel():  # under torchrun: the decode step is built on every rank together
         from qgpt_code.distributed.runner import stream_text
 
         options = {}  # no speculation under tensor parallelism yet (docs/scale.md)

@@ -114,10 +114,10 @@ def load_from_args(args: argparse.Namespace, progress=None):
     """The model the options name, loaded (progress: a callback(done, total); default a counter on
     stderr), then quantized if asked."""
     from qgpt_code.checkpoints import load_model, stderr_progress
-    from qgpt_code.distributed.launch import load_leader, world_size
+    from qgpt_code.distributed.launch import load_leader, tensor_parallel
     from qgpt_code.models import resolve_model_path
 
-    if world_size() > 1:  # under torchrun: rank 0's slice, leading the other ranks (docs/scale.md)
+    if tensor_parallel():  # under torchrun: rank 0's slice, leading the other ranks (docs/scale.md)
         return load_leader(args, progress or stderr_progress("qgpt: loading weights"))
     path = resolve_model_path(args.model)
     print(f"qgpt: loading {path}", file=sys.stderr)

@@ -115,6 +115,23 @@ def test_replicated_kv_heads_and_tied_embeddings(tmp_path):
     assert tp2["generate"] == tp1["generate"] and tp2["engine"] == tp1["engine"]
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_nccl_on_cuda_equals_one_gpu(world, tmp_path):
+    """On GPUs: NCCL, each rank's decode step captured in CUDA graphs with its all-reduces inside; fp32
+    logits close to one GPU's (different GEMM shapes round differently), greedy tokens identical."""
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} CUDA device(s)")
+    args = preset("tiny")
+    torch.save(random_model(args, 2).state_dict(), tmp_path / "state.pt")
+    spawn(split_worker, world, args, str(tmp_path / "state.pt"), str(tmp_path), "cuda", timeout=300)
+    tp = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    one = whole_model(args, str(tmp_path / "state.pt")).to("cuda")
+    one.init_rope()
+    ref = generate_all(one, CountingTokenizer(args.vocab_size))
+    assert (tp["logits"] - ref["logits"]).abs().max().item() <= 1e-4
+    assert tp["generate"] == ref["generate"] and tp["engine"] == ref["engine"]
+
+
 def test_layout_slices_match_fairscale_and_refuse_what_does_not_divide():
     from qgpt_code.checkpoints.meta import shard_dim
     from qgpt_code.model import checkpoint_layout
@@ -151,14 +168,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*command: str, **popen) -> "subprocess.Popen":
+def torchrun(*command: str, nproc: int = 2, **popen) -> "subprocess.Popen":
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                              "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                              "-m", "qgpt_code", *command], env=env, start_new_session=True, **popen)
 
@@ -174,18 +191,43 @@ def expected_text(meta_dir):
     return generate_text(loaded, tokens, SamplingParams(max_new_tokens=12, temperature=0)).text
 
 
-def test_torchrun_complete_prints_what_one_process_prints(meta_dir, expected_text):
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_torchrun_complete_prints_what_one_process_prints(meta_dir, expected_text, nproc):
     import subprocess
 
     proc = torchrun("complete", "--model", str(meta_dir), "--device", "cpu", "--temperature", "0",
-                    "--max-tokens", "12", PROMPT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                    "--max-tokens", "12", PROMPT, nproc=nproc, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         out, err = proc.communicate(timeout=120)
     finally:
         _kill_group(proc)
     assert proc.returncode == 0, err.decode()[-2000:]
     assert out.decode() == expected_text + ("" if expected_text.endswith("\n") else "\n")
-    assert "rank 1 of 2: stopped by rank 0" in err.decode()
+    assert f"tensor-parallel rank 0 of {nproc}" in err.decode()  # the tensor-parallel path, even over one rank
+    assert ("rank 1 of 2: stopped by rank 0" in err.decode()) == (nproc == 2)
+
+
+def test_torchrun_nccl_tp1_complete_on_a_gpu(meta_dir):
+    """The NCCL path once, at TP=1 under torchrun (CUDA graphs included), against one plain process."""
+    import subprocess
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from qgpt_code import load_model
+    from qgpt_code.generation import SamplingParams, generate_text
+
+    loaded = load_model(meta_dir, device="cuda", dtype="float32")
+    expected = generate_text(loaded, loaded.tokenizer.encode(PROMPT, bos=True),
+                             SamplingParams(max_new_tokens=12, temperature=0)).text
+    proc = torchrun("complete", "--model", str(meta_dir), "--device", "cuda", "--dtype", "float32",
+                    "--temperature", "0", "--max-tokens", "12", PROMPT, nproc=1,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        _kill_group(proc)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert out.decode() == expected + ("" if expected.endswith("\n") else "\n")
 
 
 def test_torchrun_serve_answers_the_openai_client_and_all_ranks_exit_on_sigterm(meta_dir, expected_text, tmp_path):

@@ -42,9 +42,16 @@ def spawn(target, world: int, *args, timeout: float = 90.0) -> None:
                 p.join(5)
 
 
-def _join(rank: int, world: int, port: int) -> None:
+def _join(rank: int, world: int, port: int, device: str = "cpu") -> torch.device:
+    """Join the group: gloo on the CPU, NCCL on cuda:rank. This rank's device."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    where = torch.device("cuda", rank) if device == "cuda" else torch.device("cpu")
+    if where.type == "cuda":
+        torch.cuda.set_device(where)
+    dist.init_process_group("nccl" if where.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=world)
+    dist.all_reduce(torch.zeros(1, device=where))  # NCCL's communicator exists before any graph capture
+    return where
 
 
 def _record_opens(opened: list[str]) -> None:
@@ -61,7 +68,7 @@ def _lead_or_follow(rank: int, model, work) -> dict:
     """Rank 0 runs `work(LeaderModel)` and stops the others; the others follow."""
     from qgpt_code.distributed.runner import Leader, LeaderModel, Link, follow
 
-    link = Link(torch.device("cpu"))
+    link = Link(model.tok_embeddings.weight.device)
     if rank != 0:
         follow(model, link, rank)
         return {}
@@ -78,7 +85,9 @@ def generate_all(model, tokenizer, prompts=PROMPTS, **kw) -> dict:
     from qgpt_code.engine import Engine, Request
     from qgpt_code.generation import SamplingParams
 
-    out = {"logits": model(BATCH, torch.arange(BATCH.shape[1]).expand_as(BATCH).contiguous())}
+    device = model.tok_embeddings.weight.device
+    batch = BATCH.to(device)
+    out = {"logits": model(batch, torch.arange(batch.shape[1], device=device).expand_as(batch).contiguous()).cpu()}
     params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
     if hasattr(model, "make_decode"):
         from qgpt_code.distributed.runner import generate
@@ -119,15 +128,16 @@ def meta_worker(rank: int, world: int, port: int, meta_dir: str, out_dir: str) -
     dist.destroy_process_group()
 
 
-def split_worker(rank: int, world: int, port: int, args, state_file: str, out_dir: str) -> None:
+def split_worker(rank: int, world: int, port: int, args, state_file: str, out_dir: str, device: str = "cpu") -> None:
     """This rank's slice of a whole model saved in `state_file`, then generate_all (no tokenizer file:
-    a stand-in that never ends a sequence)."""
-    _join(rank, world, port)
+    a stand-in that never ends a sequence). On CUDA: NCCL, and the decode step in CUDA graphs."""
+    where = _join(rank, world, port, device)
     from qgpt_code.distributed.layout import TPLayout
     from qgpt_code.distributed.loading import split_model
 
-    model = split_model(whole_model(args, state_file), TPLayout(args, rank, world))
-    result = _lead_or_follow(rank, model, lambda m: generate_all(m, CountingTokenizer(args.vocab_size), eager=True))
+    model = split_model(whole_model(args, state_file), TPLayout(args, rank, world), device=where)
+    eager = where.type == "cpu"
+    result = _lead_or_follow(rank, model, lambda m: generate_all(m, CountingTokenizer(args.vocab_size), eager=eager))
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 

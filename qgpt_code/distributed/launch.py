@@ -30,8 +30,14 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def tensor_parallel() -> bool:
+    """Whether torchrun (or another launcher setting its variables) started this process: then the model
+    runs through the tensor-parallel path, even over one rank (`--nproc_per_node 1`)."""
+    return all(key in os.environ for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
 def is_follower() -> bool:
-    return world_size() > 1 and rank() != 0
+    return tensor_parallel() and rank() != 0
 
 
 def runs_model(args: argparse.Namespace) -> bool:
