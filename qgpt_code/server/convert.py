@@ -40,7 +40,7 @@ def engine_requests(body: SamplingFields, prompt: Prompt, settings: ServerSettin
                 logprobs=top_logprobs is not None,
                 top_logprobs=top_logprobs or 0,
                 ignore_eos=keep_going,
-                stop_when=prompt.stop_when,
+                stop_when=None if keep_going else prompt.stop_when,  # ignore_eos: exactly the budget
                 max_generation_seconds=body.generation_time_limit(),
             )
         except QGPTError as exc:  # the protocol's bounds should make this unreachable

@@ -11,6 +11,7 @@ from qgpt_code.prompts import (
     ContextFile,
     ContextOptions,
     chat_tokens,
+    completion_budget,
     completion_prompt,
     infill_stop_id,
     infill_tokens,
@@ -59,8 +60,8 @@ class PromptBuilder:
 
     def infill_request(self, body: InfillRequest, max_new_tokens: int) -> Prompt:
         """llama.cpp's /infill through the language server's editor-context assembly."""
-        reserve = min(max_new_tokens, self.context // 2)  # room left for the completion
-        options = ContextOptions(budget=min(self.infill_budget, self.context - reserve))
+        # the language server's own budget, so that `qgpt lsp --server` builds the in-process prompt
+        options = ContextOptions(budget=completion_budget(self.context, self.infill_budget, max_new_tokens))
         files = [ContextFile(path=f.filename, text=f.text, language_id=f.language) for f in body.input_extra]
         try:
             prompt = completion_prompt(self.tokenizer, body.input_prefix + body.prompt, body.input_suffix,

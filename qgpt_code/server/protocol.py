@@ -225,7 +225,8 @@ class InfillRequest(SamplingFields):
     t_max_predict_ms: int | None = Field(None, ge=0, le=MAX_PREDICT_MS, description="stop this long after the first token; 0: no limit")
     response_fields: Annotated[list[Annotated[str, Field(max_length=256)]], Field(max_length=64)] | None = Field(
         None, description="only these fields of the answer, paths like timings/prompt_n as flat keys")
-    ignore_eos: bool = Field(False, description="keep generating past end-of-generation tokens (benchmarks)")
+    ignore_eos: bool = Field(False, description="generate n_predict tokens: no stop at end-of-generation tokens "
+                             "or where the editor's answer is complete (benchmarks)")
     path: Annotated[str, Field(max_length=4096)] = Field("", description="extension: the document's path, for the prompt's file header")
     language: Annotated[str, Field(max_length=64)] = Field("", description="extension: the editor's language id")
 
