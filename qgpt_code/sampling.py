@@ -75,16 +75,16 @@ def choose(logits: torch.Tensor, settings: list[RowSettings], vocab_size: int | 
            logprobs: bool = False) -> Choices:
     """(B, V) float logits and one RowSettings per row -> the batch's Choices.
 
-    Ids >= `vocab_size` (a vocabulary padded beyond its tokenizer) are never chosen; `logprobs`
-    reports each chosen token's log-probability under the raw (untempered) masked logits.
+    Ids >= `vocab_size` (a vocabulary padded beyond its tokenizer) are never chosen: the choice is
+    over the first `vocab_size` columns; `logprobs` reports each chosen token's log-probability under
+    the raw (untempered) logits of those columns.
     """
-    B, V = logits.shape
+    if vocab_size is not None and vocab_size < logits.shape[-1]:
+        logits = logits[:, :vocab_size]  # a view: the ids a tokenizer has are the first ones
     logits = logits.float()
-    if vocab_size is not None and vocab_size < V:
-        logits = logits.clone()
-        logits[:, vocab_size:] = float("-inf")
-    bad = (logits.isnan() | logits.isposinf()).any(-1)  # (B,)
-    tokens = logits.argmax(-1)  # (B,) greedy
+    B, V = logits.shape
+    top, tokens = logits.max(dim=-1)  # (B,) each: the greedy choice, in one pass over the logits
+    bad = top.isnan() | top.isposinf()  # (B,): the max propagates NaN, and +inf is the max
     sampled = [s.temperature >= MIN_TEMPERATURE for s in settings]
     if any(sampled):
         # (B, 5): temperature, top_p, top_k, draw, sampled-or-greedy per row, in one host-to-device copy
