@@ -110,7 +110,7 @@ def main() -> int:
     count = lambda text: len(tokenizer.encode(text))  # noqa: E731
     lines = source_lines()
     port = free_port()
-    budget = args.ring_tokens + 60 * (args.prefix_lines + args.suffix_lines) // 4 + 512
+    budget = 2 * args.ring_tokens + 512  # the chunks may take half of the budget (prompts/context.py)
     server = start_server(args.model, budget, port)
     url = f"http://127.0.0.1:{port}/infill"
     results: dict[str, list[dict]] = {"cold": [], "warm": []}
