@@ -79,7 +79,7 @@ class BlockProjection:
         batch, width = x.shape[0], out.shape[1]
         x_ptr, column = x.data_ptr(), out.data_ptr()
         for fmt, blocks, cols, rows in self.parts:
-            if self.kernel(fmt, blocks, x_ptr, column, batch, cols, rows, width, -1) != 0:
+            if self.kernel(fmt, blocks, x_ptr, column, batch, cols, rows, width, -1, 0) != 0:
                 raise RuntimeError("the block kernel refused its arguments")
             column += 4 * rows  # float32 columns
         return out

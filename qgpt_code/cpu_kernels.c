@@ -597,6 +597,31 @@ static void qrows_portable(int64_t fmt, const uint8_t *w, int64_t row_bytes, con
     }
 }
 
+/* The same product with float activations: each block dequantized once (to registers, or here to
+ * 32 floats on the stack) and used by every batch row. Exact but for float32 rounding, and at a
+ * batch of several rows cheaper than the integer path, whose per-row work is larger. */
+static void frows_portable(int64_t fmt, const uint8_t *w, int64_t row_bytes, const float *x, int64_t in,
+                           int64_t batch, float *y, int64_t ldy, int64_t o0, int64_t o1) {
+    const int64_t bytes = quant_block_bytes(fmt), nb = in / QK;
+    for (int64_t o = o0; o < o1; o++)
+        for (int64_t b0 = 0; b0 < batch; b0 += 8) {
+            const int64_t tile = batch - b0 < 8 ? batch - b0 : 8;
+            float acc[8][QK] = {{0}}, wf[QK];
+            for (int64_t i = 0; i < nb; i++) {
+                dequantize_block(fmt, w + o * row_bytes + i * bytes, wf);
+                for (int64_t b = 0; b < tile; b++) {
+                    const float *xb = x + (b0 + b) * in + i * QK;
+                    for (int j = 0; j < QK; j++) acc[b][j] += wf[j] * xb[j];
+                }
+            }
+            for (int64_t b = 0; b < tile; b++) {
+                float sum = 0.0f;
+                for (int j = 0; j < QK; j++) sum += acc[b][j];
+                y[(b0 + b) * ldy + o] = sum;
+            }
+        }
+}
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
@@ -746,6 +771,110 @@ static TARGET_AVX512 void qrows_avx512(int64_t fmt, const uint8_t *w, int64_t ro
         }
 }
 
+/* A block's 32 weights as floats, values 0..15 in *w0 and 16..31 in *w1. */
+INLINE TARGET_AVX512 void dequantize_avx512(int64_t fmt, const uint8_t *block, __m512 *w0, __m512 *w1) {
+    float d, m;
+    block_scale(fmt, block, &d, &m);
+    const uint8_t *qs = block_quants(fmt, block);
+    if (fmt == FMT_Q8_0) {
+        *w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)qs))), _mm512_set1_ps(d));
+        *w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qs + 16)))), _mm512_set1_ps(d));
+        return;
+    }
+    const __m128i raw = _mm_loadu_si128((const __m128i *)qs), mask = _mm_set1_epi8(0x0F);
+    const __m512 dv = _mm512_set1_ps(d), mv = _mm512_set1_ps(m);
+    *w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, mask))), dv, mv);
+    *w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), mask))), dv, mv);
+}
+
+/* One weight row against `tile` float batch rows; two accumulators per row (the two halves of a
+ * block), so that one row's multiply-adds do not all wait on each other. */
+INLINE TARGET_AVX512 void frow_avx512(int64_t fmt, const uint8_t *row, const float *x, int64_t in, float *y,
+                                      int64_t ldy, const int tile) {
+    const int64_t bytes = quant_block_bytes(fmt), nb = in / QK;
+    __m512 acc0[MAX_TILE], acc1[MAX_TILE];
+    for (int b = 0; b < tile; b++) acc0[b] = acc1[b] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        __m512 w0, w1;
+        dequantize_avx512(fmt, row + i * bytes, &w0, &w1);
+        for (int b = 0; b < tile; b++) {
+            const float *xb = x + b * in + i * QK;
+            acc0[b] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), acc0[b]);
+            acc1[b] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), acc1[b]);
+        }
+    }
+    for (int b = 0; b < tile; b++) y[b * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[b], acc1[b]));
+}
+
+static TARGET_AVX512 void frows_avx512(int64_t fmt, const uint8_t *w, int64_t row_bytes, const float *x, int64_t in,
+                                       int64_t batch, float *y, int64_t ldy, int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; o++)
+        for (int64_t b = 0; b < batch; b += MAX_TILE) {
+            const uint8_t *row = w + o * row_bytes;
+            const float *xb = x + b * in;
+            float *yb = y + b * ldy + o;
+            const int64_t n = batch - b;
+#define CASE(f, t) if (fmt == f && n == t) { frow_avx512(f, row, xb, in, yb, ldy, t); continue; }
+#define TILES(f) CASE(f, 1) CASE(f, 2) CASE(f, 3) CASE(f, 4) CASE(f, 5) CASE(f, 6) CASE(f, 7) \
+                 if (fmt == f) { frow_avx512(f, row, xb, in, yb, ldy, MAX_TILE); continue; }
+            TILES(FMT_Q4_0) TILES(FMT_Q4_1) TILES(FMT_Q8_0)
+#undef TILES
+#undef CASE
+        }
+}
+
+/* A block's 32 weights as four vectors of 8 floats, in value order. */
+INLINE TARGET_AVX2 void dequantize_avx2(int64_t fmt, const uint8_t *block, __m256 w[4]) {
+    float d, m;
+    block_scale(fmt, block, &d, &m);
+    const uint8_t *qs = block_quants(fmt, block);
+    const __m256 dv = _mm256_set1_ps(d), mv = _mm256_set1_ps(m);
+    if (fmt == FMT_Q8_0) {
+        for (int k = 0; k < 4; k++)
+            w[k] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8 * k)))), dv);
+        return;
+    }
+    const __m128i raw = _mm_loadu_si128((const __m128i *)qs), mask = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(raw, mask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+    const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int k = 0; k < 4; k++) w[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[k])), dv, mv);
+}
+
+INLINE TARGET_AVX2 void frow_avx2(int64_t fmt, const uint8_t *row, const float *x, int64_t in, float *y,
+                                  int64_t ldy, const int tile) {
+    const int64_t bytes = quant_block_bytes(fmt), nb = in / QK;
+    __m256 acc0[AVX2_TILE], acc1[AVX2_TILE];
+    for (int b = 0; b < tile; b++) acc0[b] = acc1[b] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        __m256 wv[4];
+        dequantize_avx2(fmt, row + i * bytes, wv);
+        for (int b = 0; b < tile; b++) {
+            const float *xb = x + b * in + i * QK;
+            acc0[b] = _mm256_fmadd_ps(wv[0], _mm256_loadu_ps(xb), acc0[b]);
+            acc1[b] = _mm256_fmadd_ps(wv[1], _mm256_loadu_ps(xb + 8), acc1[b]);
+            acc0[b] = _mm256_fmadd_ps(wv[2], _mm256_loadu_ps(xb + 16), acc0[b]);
+            acc1[b] = _mm256_fmadd_ps(wv[3], _mm256_loadu_ps(xb + 24), acc1[b]);
+        }
+    }
+    for (int b = 0; b < tile; b++) y[b * ldy] = sum8(_mm256_add_ps(acc0[b], acc1[b]));
+}
+
+static TARGET_AVX2 void frows_avx2(int64_t fmt, const uint8_t *w, int64_t row_bytes, const float *x, int64_t in,
+                                   int64_t batch, float *y, int64_t ldy, int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; o++)
+        for (int64_t b = 0; b < batch; b += AVX2_TILE) {
+            const uint8_t *row = w + o * row_bytes;
+            const float *xb = x + b * in;
+            float *yb = y + b * ldy + o;
+            const int64_t n = batch - b;
+#define CASE(f, t) if (fmt == f && n == t) { frow_avx2(f, row, xb, in, yb, ldy, t); continue; }
+#define TILES(f) CASE(f, 1) CASE(f, 2) CASE(f, 3) if (fmt == f) { frow_avx2(f, row, xb, in, yb, ldy, AVX2_TILE); continue; }
+            TILES(FMT_Q4_0) TILES(FMT_Q4_1) TILES(FMT_Q8_0)
+#undef TILES
+#undef CASE
+        }
+}
+
 int64_t quant_best_isa(void) {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -762,21 +891,40 @@ int64_t quant_best_isa(void) { return ISA_PORTABLE; }
 
 #define ROWS_PER_TASK 16
 
+enum { METHOD_AUTO = 0, METHOD_INTEGER = 1, METHOD_FLOAT = 2 };
+#define FLOAT_MIN_BATCH 2 /* measured: see quant_blocks.py */
+
 /* y[b * ldy + o] = sum_k x[b, k] * W[o, k] for the block-quantized W (out, in): x (batch, in) float32,
  * in a multiple of 32; y's rows are ldy floats apart (a slice of a wider output). isa: ISA_BEST or
- * one this CPU has (quant_best_isa() or below). Returns 0, or -1 for an unknown format or an ISA
- * the CPU lacks (nothing written). */
+ * one this CPU has (quant_best_isa() or below). method: METHOD_INTEGER (activations to 16-bit
+ * integers, integer dot products), METHOD_FLOAT (blocks dequantized in registers, float
+ * multiply-adds) or METHOD_AUTO (the faster for this batch). Returns 0, or -1 for an unknown format
+ * or method, or an ISA the CPU lacks (nothing written). */
 int64_t quant_matmul(int64_t fmt, const uint8_t *w, const float *x, float *y, int64_t batch, int64_t in,
-                     int64_t out, int64_t ldy, int64_t isa) {
+                     int64_t out, int64_t ldy, int64_t isa, int64_t method) {
     const int64_t best = quant_best_isa(), bytes = quant_block_bytes(fmt), nb = in / QK;
     if (isa == ISA_BEST) isa = best;
-    if (!bytes || isa < ISA_PORTABLE || isa > best || in % QK) return -1;
+    if (method == METHOD_AUTO) method = batch >= FLOAT_MIN_BATCH ? METHOD_FLOAT : METHOD_INTEGER;
+    if (!bytes || isa < ISA_PORTABLE || isa > best || in % QK || method < METHOD_INTEGER || method > METHOD_FLOAT)
+        return -1;
+    const int64_t row_bytes = nb * bytes, tasks = (out + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+    if (method == METHOD_FLOAT) {
+#pragma omp parallel for schedule(static) if (out * in * batch > (1 << 15))
+        for (int64_t t = 0; t < tasks; t++) {
+            const int64_t o0 = t * ROWS_PER_TASK, o1 = o0 + ROWS_PER_TASK < out ? o0 + ROWS_PER_TASK : out;
+#if defined(__x86_64__) || defined(__i386__)
+            if (isa == ISA_AVX512) { frows_avx512(fmt, w, row_bytes, x, in, batch, y, ldy, o0, o1); continue; }
+            if (isa == ISA_AVX2) { frows_avx2(fmt, w, row_bytes, x, in, batch, y, ldy, o0, o1); continue; }
+#endif
+            frows_portable(fmt, w, row_bytes, x, in, batch, y, ldy, o0, o1);
+        }
+        return 0;
+    }
     int8_t *q = malloc(2 * batch * in + 64);
     float *scales = malloc(2 * batch * nb * sizeof(float) + 64);
     if (!q || !scales) { free(q); free(scales); return -1; }
     quant_activations(x, batch * nb, q, q + batch * in, scales, scales + batch * nb);
     const qact a = {q, q + batch * in, scales, scales + batch * nb, nb, in};
-    const int64_t row_bytes = nb * bytes, tasks = (out + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
 #pragma omp parallel for schedule(static) if (out * in * batch > (1 << 15))
     for (int64_t t = 0; t < tasks; t++) {
         const int64_t o0 = t * ROWS_PER_TASK, o1 = o0 + ROWS_PER_TASK < out ? o0 + ROWS_PER_TASK : out;

@@ -30,8 +30,8 @@ SIGNATURES = {
     # qkv, keys, values, rope, tables, table_width, positions, out, scratch, then the sizes
     "decode_attention": [_pointer] * 5 + [_int64] + [_pointer] * 3 + [_int64] * 6,
     "int8_matmul": [_pointer] * 4 + [_int64] * 3,
-    # block-quantized weights (quant_blocks.py): fmt, blocks, x, y, then batch, in, out, ldy, isa
-    "quant_matmul": [_int64] + [_pointer] * 3 + [_int64] * 5,
+    # block-quantized weights (quant_blocks.py): fmt, blocks, x, y, then batch, in, out, ldy, isa, method
+    "quant_matmul": [_int64] + [_pointer] * 3 + [_int64] * 6,
     "quant_dequantize": [_int64, _pointer, _pointer, _int64, _int64],
     "quant_quantize": [_int64, _pointer, _pointer, _int64, _int64],
     "quant_activations": [_pointer, _int64] + [_pointer] * 4,

@@ -36,6 +36,7 @@ KEPT = tuple(FORMAT_IDS)
 REQUANTIZED = {"Q4_K": "Q8_0", "Q5_K": "Q8_0", "Q6_K": "Q8_0", "Q5_0": "Q8_0", "Q5_1": "Q8_0"}
 QUANTIZE_CHOICES = {"int8": "Q8_0", "int4": "Q4_0"}  # --quantize on the CPU
 ISA_NAMES = {-1: "best", 0: "portable", 1: "avx2", 2: "avx512"}
+METHODS = {"auto": 0, "integer": 1, "float": 2}  # quant_matmul's ways to multiply (cpu_kernels.c)
 
 # Products with at most this many rows of activations use the integer kernels; more rows dequantize
 # into float32 and use BLAS. Measured on SmolLM2 (bench/decode_cpu.py --rows): see docs/models.md.
@@ -130,15 +131,18 @@ def _scratch_buffer(values: int) -> torch.Tensor:
     return buffer[:values]
 
 
-def matmul(parts: list[BlockTensor], x: torch.Tensor, out: torch.Tensor, isa: int = -1) -> torch.Tensor:
+def matmul(parts: list[BlockTensor], x: torch.Tensor, out: torch.Tensor, isa: int = -1,
+           method: str = "auto") -> torch.Tensor:
     """out (N, sum of parts' rows) = x (N, cols) @ W.t(), W the parts stacked by rows; float32,
-    contiguous. `isa` forces one kernel implementation (ISA_NAMES; tests), -1: the best."""
+    contiguous. `isa` forces one kernel implementation (ISA_NAMES; tests), -1: the best; `method`
+    one of METHODS (auto: integer dot products for one row, float multiply-adds for more)."""
     n, kernels = x.shape[0], _kernels()
     if kernels is not None and n <= INT_KERNEL_MAX_ROWS:
         column = 0
         for part in parts:
             status = kernels.quant_matmul(FORMAT_IDS[part.fmt], part.data.data_ptr(), x.data_ptr(),
-                                          out.data_ptr() + 4 * column, n, part.cols, part.rows, out.shape[1], isa)
+                                          out.data_ptr() + 4 * column, n, part.cols, part.rows, out.shape[1], isa,
+                                          METHODS[method])
             if status != 0:
                 raise ValueError(f"the {ISA_NAMES.get(isa, isa)} kernel cannot run on this CPU")
             column += part.rows

@@ -69,32 +69,36 @@ def test_activations_are_rounded_to_the_nearest_step():
 
 
 @needs_kernels
+@pytest.mark.parametrize("method", ["integer", "float"])
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_products_equal_the_float_reference(fmt, isa):
+def test_products_equal_the_float_reference(fmt, isa, method):
     for i, (rows, cols, batch) in enumerate(SHAPES):
         blocks, w = random_blocks(fmt, rows, cols, seed=i)
         x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(i))
         got = torch.empty(batch, rows)
-        qb.matmul([blocks], x, got, isa)
-        exact = quantized_activations(x) @ w.t()  # what the integer arithmetic computes
+        qb.matmul([blocks], x, got, isa, method)
+        floats = x.double() @ w.t()
+        # integer: what its arithmetic computes, on the activations as it quantized them
+        exact = quantized_activations(x) @ w.t() if method == "integer" else floats
         torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item(),
                                    msg=lambda m: f"{rows}x{cols}, batch {batch}: {m}")
-        floats = x.double() @ w.t()  # what float activations would give: 16-bit activations cost ~1e-5
+        # and both close to float activations (16-bit activations cost ~1e-5)
         assert (got.double() - floats).norm() / floats.norm() < 1e-4, (rows, cols, batch)
 
 
 @needs_kernels
+@pytest.mark.parametrize("method", ["integer", "float"])
 @pytest.mark.parametrize("isa", ISAS)
-def test_parts_of_several_formats_write_their_own_columns(isa):
+def test_parts_of_several_formats_write_their_own_columns(isa, method):
     """A fused weight whose parts differ in format (q/k in Q4_1, v converted to Q8_0): each part
     writes its columns of a row whose stride is the whole width, nothing else."""
     parts, refs = zip(*(random_blocks(fmt, rows, 64, seed) for seed, (fmt, rows) in
                         enumerate([("Q4_1", 24), ("Q8_0", 9), ("Q4_0", 17)])))
     x = torch.randn(3, 64)
     out = torch.empty(3, 50)
-    qb.matmul(list(parts), x, out, isa)
-    expected = quantized_activations(x) @ torch.cat(refs).t()
+    qb.matmul(list(parts), x, out, isa, method)
+    expected = (quantized_activations(x) if method == "integer" else x.double()) @ torch.cat(refs).t()
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
 
 
@@ -157,10 +161,11 @@ def test_a_plain_x86_64_build_chooses_simd_at_run_time(tmp_path):
         x = torch.randn(5, 160)
         expected = quantized_activations(x) @ w.t()
         for isa in range(BEST + 1):
-            out = torch.empty(5, 40)
-            assert baseline.quant_matmul(qb.FORMAT_IDS[fmt], blocks.data.data_ptr(), x.data_ptr(), out.data_ptr(),
-                                         5, 160, 40, 40, isa) == 0
-            torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
+            for method, reference in ((1, expected), (2, x.double() @ w.t())):  # integer, float
+                out = torch.empty(5, 40)
+                assert baseline.quant_matmul(qb.FORMAT_IDS[fmt], blocks.data.data_ptr(), x.data_ptr(), out.data_ptr(),
+                                             5, 160, 40, 40, isa, method) == 0
+                torch.testing.assert_close(out.double(), reference, rtol=1e-5, atol=1e-4)
 
 
 # --- whole models ---------------------------------------------------------------------------------
