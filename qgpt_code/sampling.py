@@ -56,8 +56,8 @@ def unseeded_uniforms(n: int) -> list[float]:
 @dataclass
 class Choices:
     """A batch's choices, still on the device: (B, 3 + 2n) float64 rows of token id, its logprob
-    (NaN when not asked), 1.0 where the row's logits held NaN or +inf (its token is meaningless),
-    then n alternative ids and n logprobs, likeliest first."""
+    (NaN when not asked), 1.0 where the row's logits held NaN or +inf or were all -inf (its token is
+    meaningless), then n alternative ids and n logprobs, likeliest first."""
 
     packed: torch.Tensor
     n_top: int
@@ -84,7 +84,7 @@ def choose(logits: torch.Tensor, settings: list[RowSettings], vocab_size: int | 
     logits = logits.float()
     B, V = logits.shape
     top, tokens = logits.max(dim=-1)  # (B,) each: the greedy choice, in one pass over the logits
-    bad = top.isnan() | top.isposinf()  # (B,): the max propagates NaN, and +inf is the max
+    bad = ~top.isfinite()  # (B,): the max propagates NaN, +inf is the max, -inf means nothing to choose
     sampled = [s.temperature >= MIN_TEMPERATURE for s in settings]
     if any(sampled):
         # (B, 5): temperature, top_p, top_k, draw, sampled-or-greedy per row, in one host-to-device copy
