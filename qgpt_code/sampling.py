@@ -102,7 +102,7 @@ def choose(logits: torch.Tensor, settings: list[RowSettings], vocab_size: int | 
         if n_top:
             values, ids = log_probs.topk(min(n_top, V), dim=-1)  # (B, n)
             columns += [ids.double(), values.double()]
-    return Choices(torch.cat(columns, dim=-1), n_top if logprobs else 0)
+    return Choices(torch.cat(columns, dim=-1), n_top)
 
 
 def _sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
