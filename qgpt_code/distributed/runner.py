@@ -66,6 +66,10 @@ def local_decode(model: nn.Module, cache: KVCache, max_batch: int, max_seq_len: 
     all-reduces), plain PyTorch otherwise. Never the fused CPU kernels: they bypass the collectives."""
     if eager or model.tok_embeddings.weight.device.type != "cuda":
         return EagerDecode(model, cache)
+    from qgpt_code.decode_step import power_of_two_buckets
+    from qgpt_code.quantize import prepare_decode_kernels
+
+    prepare_decode_kernels(model, power_of_two_buckets(1, max_batch))  # int8 kernels made now, captured below
     return GraphedDecode(model, cache, max_batch, max_seq_len, progress=progress)
 
 
