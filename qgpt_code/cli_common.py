@@ -25,8 +25,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="weights' dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    parser.add_argument("--quantize", choices=["int8"],
-                        help="weight-only int8 for the linear layers, applied after loading")
+    parser.add_argument("--quantize", choices=["int8", "int4"],
+                        help="weight-only quantization of the linear layers after loading: on the CPU GGUF's "
+                             "Q8_0 (int8) or Q4_0 (int4) blocks; on a GPU int8 per channel")
     parser.add_argument("--eager", action="store_true",
                         help="run decode steps as plain PyTorch: no CUDA graphs on a GPU, no fused kernels on the CPU")
     parser.add_argument("--speculate", choices=["ngram", "off"], default=DEFAULT_SPECULATION,
@@ -123,10 +124,16 @@ def load_from_args(args: argparse.Namespace, progress=None):
     print(f"qgpt: loading {path}", file=sys.stderr)
     loaded = load_model(path, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
                         progress=progress or stderr_progress("qgpt: loading weights"))
-    if args.quantize == "int8":
+    if args.quantize and loaded.device.type == "cpu":  # blocks the fused CPU kernels read (quant_blocks.py)
+        from qgpt_code.quant_blocks import QUANTIZE_CHOICES, quantize_model
+
+        quantize_model(loaded.model, QUANTIZE_CHOICES[args.quantize])
+    elif args.quantize == "int8":
         from qgpt_code.quantize import quantize_int8
 
         quantize_int8(loaded.model)
+    elif args.quantize:
+        raise QGPTError(f"--quantize {args.quantize} runs on the CPU only (a GPU takes int8)")
     return loaded
 
 
