@@ -106,6 +106,36 @@ def test_k_quant_weights_load_as_stored(tmp_path, sp_proto, qtype):
         assert torch.equal(ours[meta_name], torch.from_numpy(stored[gguf_name])), meta_name
         torch.testing.assert_close(ours[meta_name].reshape(-1), independent, rtol=1e-6, atol=1e-6)
     assert torch.isfinite(logits(loaded)).all()
+    # Kept for the CPU kernels, K blocks become Q8_0 at load: each weight within half a step (1/254
+    # of its block's largest; the step is stored in fp16, 127 steps may be 2^-11 off: +13%) of the
+    # K value. (Random K blocks vary their scales wildly inside a
+    # block of 32, unlike real ones, so the logits of this model are no measure.)
+    kept = load_model(tmp_path / "k.gguf", device="cpu", dtype="float32")
+    w2 = kept.model.layers[1].feed_forward.w2
+    assert w2.formats == ["Q8_0"] and kept.model.output.formats == ["Q8_0"]
+    k_values = ours["layers.1.feed_forward.w2.weight"].reshape(-1, 32)
+    error = (w2.parts()[0].dequantize().reshape(-1, 32) - k_values).abs()
+    assert (error <= k_values.abs().amax(1, keepdim=True) / 254 * 1.13 + 1e-6).all()
+    assert torch.isfinite(logits(kept)).all()
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
+def test_quantized_weights_stay_in_their_blocks_on_the_cpu(tmp_path, tiny_hf, sp_proto, qtype):
+    """On the CPU in float32 (the default there) the file's blocks are kept: q, k and v fused into
+    one part, the file's bytes; the logits follow the dequantized model's."""
+    from qgpt_code.quant_blocks import BlockQuantLinear
+
+    path = tmp_path / f"tiny-{qtype.name}.gguf"
+    stored = write_llama_gguf(path, tiny_hf[0], sentencepiece_metadata(sp_proto), qtype)
+    kept = load_model(path, device="cpu", dtype="float32")
+    floats = load_model(path, device="cpu", dtype="float32", keep_quantized=False)
+    wqkv = kept.model.layers[0].attention.wqkv
+    assert isinstance(wqkv, BlockQuantLinear) and wqkv.formats == [qtype.name]
+    assert torch.equal(wqkv.parts()[0].dequantize(), floats.model.layers[0].attention.wqkv.weight)
+    assert torch.equal(kept.model.output.parts()[0].dequantize(), torch.from_numpy(stored["output.weight"]))
+    assert torch.nn.functional.cosine_similarity(logits(kept).flatten(1), logits(floats).flatten(1)).min() > 0.9999
+    with pytest.raises(Exception, match="only on the CPU in float32"):
+        load_model(path, device="cpu", dtype="bfloat16", keep_quantized=True)
 
 
 def test_runtime_dtype(f32_gguf):
