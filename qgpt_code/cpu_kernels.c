@@ -476,13 +476,6 @@ static inline void dequantize_block(int64_t fmt, const uint8_t *block, float *ou
     }
 }
 
-/* out (rows, in) float32 = the weights of `rows` rows of blocks (each in / 32 blocks long). */
-void quant_dequantize(int64_t fmt, const uint8_t *w, float *out, int64_t rows, int64_t in) {
-    const int64_t nb = in / QK, bytes = quant_block_bytes(fmt);
-#pragma omp parallel for schedule(static) if (rows * in > (1 << 16))
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t i = 0; i < nb; i++) dequantize_block(fmt, w + (r * nb + i) * bytes, out + r * in + i * QK);
-}
 
 /* Blocks of `fmt` (Q8_0, Q4_0 or Q4_1) for float rows w (rows, in), as ggml's reference quantizers
  * make them: Q8_0 d = max|x| / 127, q = round(x / d); Q4_0 d = -(the value of largest magnitude) / 8,
@@ -675,8 +668,8 @@ INLINE TARGET_AVX2 void qrow_avx2(int64_t fmt, const uint8_t *row, const qact *a
 
 static TARGET_AVX2 void qrows_avx2(int64_t fmt, const uint8_t *w, int64_t row_bytes, const qact *a, int64_t batch,
                                    float *y, int64_t ldy, int64_t o0, int64_t o1) {
-    for (int64_t o = o0; o < o1; o++)
-        for (int64_t b = 0; b < batch; b += AVX2_TILE) {
+    for (int64_t b = 0; b < batch; b += AVX2_TILE)  /* a tile of x stays in L1 across the task's rows */
+        for (int64_t o = o0; o < o1; o++) {
             const qact ab = {a->hi + b * a->in, a->lo + b * a->in, a->d + b * a->nb, a->s + b * a->nb, a->nb, a->in};
             const uint8_t *row = w + o * row_bytes;
             float *yb = y + b * ldy + o;
@@ -756,8 +749,8 @@ INLINE TARGET_AVX512 void qrow_avx512(int64_t fmt, const uint8_t *row, const qac
 
 static TARGET_AVX512 void qrows_avx512(int64_t fmt, const uint8_t *w, int64_t row_bytes, const qact *a,
                                        int64_t batch, float *y, int64_t ldy, int64_t o0, int64_t o1) {
-    for (int64_t o = o0; o < o1; o++)
-        for (int64_t b = 0; b < batch; b += MAX_TILE) {
+    for (int64_t b = 0; b < batch; b += MAX_TILE)  /* a tile of x stays in L1 across the task's rows */
+        for (int64_t o = o0; o < o1; o++) {
             const qact ab = {a->hi + b * a->in, a->lo + b * a->in, a->d + b * a->nb, a->s + b * a->nb, a->nb, a->in};
             const uint8_t *row = w + o * row_bytes;
             float *yb = y + b * ldy + o;
@@ -808,8 +801,8 @@ INLINE TARGET_AVX512 void frow_avx512(int64_t fmt, const uint8_t *row, const flo
 
 static TARGET_AVX512 void frows_avx512(int64_t fmt, const uint8_t *w, int64_t row_bytes, const float *x, int64_t in,
                                        int64_t batch, float *y, int64_t ldy, int64_t o0, int64_t o1) {
-    for (int64_t o = o0; o < o1; o++)
-        for (int64_t b = 0; b < batch; b += MAX_TILE) {
+    for (int64_t b = 0; b < batch; b += MAX_TILE)  /* a tile of x stays in L1 across the task's rows */
+        for (int64_t o = o0; o < o1; o++) {
             const uint8_t *row = w + o * row_bytes;
             const float *xb = x + b * in;
             float *yb = y + b * ldy + o;
@@ -861,8 +854,8 @@ INLINE TARGET_AVX2 void frow_avx2(int64_t fmt, const uint8_t *row, const float *
 
 static TARGET_AVX2 void frows_avx2(int64_t fmt, const uint8_t *w, int64_t row_bytes, const float *x, int64_t in,
                                    int64_t batch, float *y, int64_t ldy, int64_t o0, int64_t o1) {
-    for (int64_t o = o0; o < o1; o++)
-        for (int64_t b = 0; b < batch; b += AVX2_TILE) {
+    for (int64_t b = 0; b < batch; b += AVX2_TILE)  /* a tile of x stays in L1 across the task's rows */
+        for (int64_t o = o0; o < o1; o++) {
             const uint8_t *row = w + o * row_bytes;
             const float *xb = x + b * in;
             float *yb = y + b * ldy + o;
@@ -873,6 +866,32 @@ static TARGET_AVX2 void frows_avx2(int64_t fmt, const uint8_t *w, int64_t row_by
 #undef TILES
 #undef CASE
         }
+}
+
+/* Rows r0..r1 of blocks as floats (out: rows of `in`), for the BLAS path: a prompt's products. */
+static TARGET_AVX512 void dequantize_rows_avx512(int64_t fmt, const uint8_t *w, float *out, int64_t r0, int64_t r1,
+                                                 int64_t in) {
+    const int64_t nb = in / QK, bytes = quant_block_bytes(fmt);
+    for (int64_t k = r0 * nb; k < r1 * nb; k++) {
+        __m512 w0, w1;
+#define CASE(f) if (fmt == f) dequantize_avx512(f, w + k * bytes, &w0, &w1);
+        CASE(FMT_Q4_0) CASE(FMT_Q4_1) CASE(FMT_Q8_0)
+#undef CASE
+        _mm512_storeu_ps(out + k * QK, w0);
+        _mm512_storeu_ps(out + k * QK + 16, w1);
+    }
+}
+
+static TARGET_AVX2 void dequantize_rows_avx2(int64_t fmt, const uint8_t *w, float *out, int64_t r0, int64_t r1,
+                                             int64_t in) {
+    const int64_t nb = in / QK, bytes = quant_block_bytes(fmt);
+    for (int64_t k = r0 * nb; k < r1 * nb; k++) {
+        __m256 wv[4];
+#define CASE(f) if (fmt == f) dequantize_avx2(f, w + k * bytes, wv);
+        CASE(FMT_Q4_0) CASE(FMT_Q4_1) CASE(FMT_Q8_0)
+#undef CASE
+        for (int j = 0; j < 4; j++) _mm256_storeu_ps(out + k * QK + 8 * j, wv[j]);
+    }
 }
 
 int64_t quant_best_isa(void) {
@@ -890,6 +909,21 @@ int64_t quant_best_isa(void) { return ISA_PORTABLE; }
 #endif
 
 #define ROWS_PER_TASK 16
+
+/* out (rows, in) float32 = the weights of `rows` rows of blocks (each in / 32 blocks long). */
+void quant_dequantize(int64_t fmt, const uint8_t *w, float *out, int64_t rows, int64_t in) {
+    const int64_t nb = in / QK, bytes = quant_block_bytes(fmt), isa = quant_best_isa();
+    const int64_t tasks = (rows + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+#pragma omp parallel for schedule(static) if (rows * in > (1 << 16))
+    for (int64_t t = 0; t < tasks; t++) {
+        const int64_t r0 = t * ROWS_PER_TASK, r1 = r0 + ROWS_PER_TASK < rows ? r0 + ROWS_PER_TASK : rows;
+#if defined(__x86_64__) || defined(__i386__)
+        if (isa == ISA_AVX512) { dequantize_rows_avx512(fmt, w, out, r0, r1, in); continue; }
+        if (isa == ISA_AVX2) { dequantize_rows_avx2(fmt, w, out, r0, r1, in); continue; }
+#endif
+        for (int64_t k = r0 * nb; k < r1 * nb; k++) dequantize_block(fmt, w + k * bytes, out + k * QK);
+    }
+}
 
 enum { METHOD_AUTO = 0, METHOD_INTEGER = 1, METHOD_FLOAT = 2 };
 #define FLOAT_MIN_BATCH 2 /* measured: see quant_blocks.py */
