@@ -26,7 +26,8 @@ class Prompt:
     tokens: list[int]
     stop_ids: tuple[int, ...]  # besides EOS: end-of-generation ids, Code Llama's EOT
     text: str = ""  # the prompt as text, for `echo`
-    postprocess: Callable[[str], str] | None = None  # /infill: trim the completion as the editor would
+    # /infill: trim the completion as the editor would; (text, truncated: it stopped mid-way) -> text
+    postprocess: Callable[[str, bool], str] | None = None
     stop_when: Callable[[str], bool] | None = None  # /infill: the answer is complete (SamplingParams.stop_when)
 
 
@@ -68,12 +69,17 @@ class PromptBuilder:
                                        path=body.path, language_id=body.language, other_files=files, options=options)
         except ValueError as exc:  # a budget too small for any text
             raise APIError(400, f"n_predict leaves no room for a prompt: {exc}", param="n_predict") from None
-        complete = prompt.stop_when
-        postprocess = prompt.postprocess
+        complete, postprocess = prompt.stop_when, prompt.postprocess
         if body.n_indent:
             indent = body.n_indent
-            complete = _either(complete, lambda text: line_below_indent(text, indent) is not None)
-            postprocess = _after(lambda text: text[: line_below_indent(text, indent)], postprocess)
+
+            def complete(text: str) -> bool:
+                return prompt.stop_when(text) or line_below_indent(text, indent) is not None
+
+            def postprocess(text: str, truncated: bool) -> str:
+                cut = line_below_indent(text, indent)  # a cut there ends on a whole line: not truncated
+                return prompt.postprocess(text, truncated) if cut is None else prompt.postprocess(text[:cut], False)
+
         return Prompt(prompt.tokens, tuple(dict.fromkeys(prompt.stop_ids + self.end_ids)),
                       postprocess=postprocess, stop_when=complete)
 
@@ -100,7 +106,6 @@ class PromptBuilder:
         return Prompt(tokens, (infill_stop_id(self.tokenizer), *self.end_ids))
 
 
-
 def line_below_indent(text: str, n_indent: int) -> int | None:
     """Where the first line after a line break that is indented by fewer than `n_indent` whitespace
     characters (spaces and tabs count one each, as in llama.cpp) starts; None if there is none.
@@ -115,10 +120,3 @@ def line_below_indent(text: str, n_indent: int) -> int | None:
         start = end + 1
     return None
 
-
-def _either(first: Callable[[str], bool] | None, second: Callable[[str], bool]) -> Callable[[str], bool]:
-    return second if first is None else (lambda text: first(text) or second(text))
-
-
-def _after(first: Callable[[str], str], then: Callable[[str], str]) -> Callable[[str], str]:
-    return lambda text: then(first(text))

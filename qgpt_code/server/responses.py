@@ -175,7 +175,9 @@ class InfillFormat:
 
     def whole(self, job: Job) -> dict:
         choice = job.choices[0]
-        content = choice.prompt.postprocess(choice.text) if choice.prompt.postprocess else choice.text
+        # out of tokens or of time: the text may end mid-line, which the editor's trimming drops
+        truncated = choice.finish_reason in ("length", "time_limit")
+        content = choice.prompt.postprocess(choice.text, truncated) if choice.prompt.postprocess else choice.text
         return self._fields({"content": content, **self._summary(job)})
 
     def opening(self, job: Job) -> list[dict]:
