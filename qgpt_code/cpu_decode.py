@@ -12,6 +12,7 @@ same logits.
 from __future__ import annotations
 
 import ctypes
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -126,6 +127,53 @@ class Activations:
         self.scratch = _buffer(batch * args.n_heads * (args.head_dim + max_seq_len))  # attention's working space
 
 
+class ThreadTuner:
+    """Every core or one for the C kernels' parallel loops, chosen per batch size by measured step times.
+
+    On a quiet machine every core wins. On one busy with other work, each of a step's ~120 parallel
+    loops (the block products, attention) ends in a fork-join that waits for whichever thread the OS has put aside: measured on the
+    2-core machine under a load average of 10, the default model's step took 167 ms on two threads
+    and 9 ms on one. So steps are timed both ways (a running average per batch size and choice),
+    the faster is used, and the other is retried now and then, less often the further behind it
+    is, so that trying costs a few percent and a change in the machine's load is noticed. The choice
+    never changes results: every output is computed by one thread, in the same order."""
+
+    RETRY_EVERY = 32  # steps between tries of the slower choice, times how many times slower it was
+    RETRY_AT_MOST = 1024  # steps: a machine that has become quiet is noticed within ~20 s of decoding
+
+    def __init__(self, kernels: ctypes.CDLL):
+        self.set_threads = kernels.quant_set_threads
+        self.seconds: dict[tuple[int, int], float] = {}  # (batch, threads: 0 all, 1 one) -> average
+        self.next_retry: dict[int, int] = {}
+        self.steps = 0
+
+    def choose(self, batch: int) -> int | None:
+        """The choice for this step (None: a batch size's first step, which allocates: not timed)."""
+        self.steps += 1
+        if batch not in self.next_retry:
+            self.next_retry[batch] = 0
+            self.set_threads(0)
+            return None
+        every, one = self.seconds.get((batch, 0)), self.seconds.get((batch, 1))
+        if every is None or one is None:
+            choice = 0 if every is None else 1
+        else:
+            best = 0 if every <= one else 1
+            retry = self.steps >= self.next_retry.get(batch, 0)
+            choice = 1 - best if retry else best
+            if retry:
+                slower = max(every, one) / min(every, one)
+                self.next_retry[batch] = self.steps + min(int(self.RETRY_EVERY * slower), self.RETRY_AT_MOST)
+        self.set_threads(choice)
+        return choice
+
+    def record(self, batch: int, choice: int | None, seconds: float) -> None:
+        if choice is None:
+            return
+        old = self.seconds.get((batch, choice))
+        self.seconds[(batch, choice)] = seconds if old is None else 0.75 * old + 0.25 * seconds
+
+
 class NativeCpuDecode:
     """A decode step on the paged cache: (tokens, positions, tables) -> logits (B, vocab) float32.
 
@@ -151,6 +199,7 @@ class NativeCpuDecode:
         self.layer_caches = [(cache.k.data_ptr() + i * layer_bytes, cache.v.data_ptr() + i * layer_bytes)
                              for i in range(model.args.n_layers)]
         self.activations: dict[int, Activations] = {}
+        self.threads = ThreadTuner(kernels)
 
     def _tables(self, positions: Sequence[int], tables: Sequence[Sequence[int]]) -> tuple[ctypes.Array, int]:
         """The block tables as one (B, W) int64 array, checked: the kernel writes where they say."""
@@ -169,8 +218,14 @@ class NativeCpuDecode:
         flat = [block for blocks in used for block in blocks + [0] * (width - len(blocks))]  # 0: never read
         return (ctypes.c_int64 * len(flat))(*flat), width
 
-    @torch.inference_mode()
     def __call__(self, tokens: Sequence[int], positions: Sequence[int], tables: Sequence[Sequence[int]]) -> torch.Tensor:
+        choice, start = self.threads.choose(len(tokens)), time.perf_counter()
+        logits = self._step(tokens, positions, tables)
+        self.threads.record(len(tokens), choice, time.perf_counter() - start)
+        return logits
+
+    @torch.inference_mode()
+    def _step(self, tokens: Sequence[int], positions: Sequence[int], tables: Sequence[Sequence[int]]) -> torch.Tensor:
         args, kernels, batch = self.model.args, self.kernels, len(tokens)
         if not batch == len(positions) == len(tables):
             raise ValueError(f"{batch} tokens, {len(positions)} positions, {len(tables)} tables")

@@ -26,6 +26,18 @@
 #include <immintrin.h>
 #endif
 
+/* Threads for every parallel loop here: 0 (OpenMP's default, PyTorch's thread count) or a number.
+ * On a machine busy with other work each fork-join waits for whichever thread the OS has put
+ * aside, so cpu_decode.py measures steps both ways and may ask for one thread (see ThreadTuner). */
+static int kernel_threads = 0;
+
+void quant_set_threads(int64_t n) { kernel_threads = (int)n; }
+
+#ifdef _OPENMP
+#include <omp.h>
+static int kernel_thread_count(void) { return kernel_threads > 0 ? kernel_threads : omp_get_max_threads(); }
+#endif
+
 static float dot(const float *a, const float *b, int64_t n) {
     float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
@@ -277,7 +289,7 @@ void add_rms_norm(float *h, const float *delta, const float *weight, float *out,
 /* out = silu(gate) * up, where each row of gate_up is [gate (hidden) | up (hidden)].
  * gate_up: (batch, 2 * hidden); out: (batch, hidden). */
 void swiglu(const float *gate_up, float *out, int64_t batch, int64_t hidden) {
-#pragma omp parallel for schedule(static) if (batch * hidden > (1 << 14))
+#pragma omp parallel for schedule(static) if (batch * hidden > (1 << 14)) num_threads(kernel_thread_count())
     for (int64_t b = 0; b < batch; b++) {
         const float *gate = gate_up + b * 2 * hidden;
         const float *up = gate + hidden;
@@ -305,7 +317,7 @@ static inline v8 int8_to_float(const int8_t *p) {
 void int8_matmul(const float *x, const int8_t *w, const float *scales, float *y,
                  int64_t batch, int64_t in, int64_t out) {
     const int64_t blocks = out / LANES;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(kernel_thread_count())
     for (int64_t block = 0; block < blocks; block++) {
         const int8_t *rows = w + block * LANES * in;
         for (int64_t b = 0; b < batch; b++) {  /* the block's rows stay in cache across the batch */
@@ -381,7 +393,7 @@ void decode_attention(const float *qkv, float *keys, float *values, const float 
         }
     }
 
-#pragma omp parallel for collapse(2) schedule(static) if (keys_read * n_heads * head_dim > (1 << 16))
+#pragma omp parallel for collapse(2) schedule(static) if (keys_read * n_heads * head_dim > (1 << 16)) num_threads(kernel_thread_count())
     for (int64_t b = 0; b < batch; b++) {
         for (int64_t g = 0; g < n_kv_heads; g++) {
             const float *src = qkv + b * width;
@@ -482,7 +494,7 @@ static inline void dequantize_block(int64_t fmt, const uint8_t *block, float *ou
  * q = min(15, trunc(x / d + 8.5)); Q4_1 d = (max - min) / 15, m = min, q = min(15, trunc((x - min) / d + 0.5)). */
 void quant_quantize(int64_t fmt, const float *w, uint8_t *out, int64_t rows, int64_t in) {
     const int64_t nb = in / QK, bytes = quant_block_bytes(fmt);
-#pragma omp parallel for schedule(static) if (rows * in > (1 << 16))
+#pragma omp parallel for schedule(static) if (rows * in > (1 << 16)) num_threads(kernel_thread_count())
     for (int64_t r = 0; r < rows; r++) {
         for (int64_t i = 0; i < nb; i++) {
             const float *x = w + r * in + i * QK;
@@ -914,7 +926,7 @@ int64_t quant_best_isa(void) { return ISA_PORTABLE; }
 void quant_dequantize(int64_t fmt, const uint8_t *w, float *out, int64_t rows, int64_t in) {
     const int64_t nb = in / QK, bytes = quant_block_bytes(fmt), isa = quant_best_isa();
     const int64_t tasks = (rows + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
-#pragma omp parallel for schedule(static) if (rows * in > (1 << 16))
+#pragma omp parallel for schedule(static) if (rows * in > (1 << 16)) num_threads(kernel_thread_count())
     for (int64_t t = 0; t < tasks; t++) {
         const int64_t r0 = t * ROWS_PER_TASK, r1 = r0 + ROWS_PER_TASK < rows ? r0 + ROWS_PER_TASK : rows;
 #if defined(__x86_64__) || defined(__i386__)
@@ -943,7 +955,7 @@ int64_t quant_matmul(int64_t fmt, const uint8_t *w, const float *x, float *y, in
         return -1;
     const int64_t row_bytes = nb * bytes, tasks = (out + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
     if (method == METHOD_FLOAT) {
-#pragma omp parallel for schedule(static) if (out * in * batch > (1 << 15))
+#pragma omp parallel for schedule(static) if (out * in * batch > (1 << 15)) num_threads(kernel_thread_count())
         for (int64_t t = 0; t < tasks; t++) {
             const int64_t o0 = t * ROWS_PER_TASK, o1 = o0 + ROWS_PER_TASK < out ? o0 + ROWS_PER_TASK : out;
 #if defined(__x86_64__) || defined(__i386__)
@@ -959,7 +971,7 @@ int64_t quant_matmul(int64_t fmt, const uint8_t *w, const float *x, float *y, in
     if (!q || !scales) { free(q); free(scales); return -1; }
     quant_activations(x, batch * nb, q, q + batch * in, scales, scales + batch * nb);
     const qact a = {q, q + batch * in, scales, scales + batch * nb, nb, in};
-#pragma omp parallel for schedule(static) if (out * in * batch > (1 << 15))
+#pragma omp parallel for schedule(static) if (out * in * batch > (1 << 15)) num_threads(kernel_thread_count())
     for (int64_t t = 0; t < tasks; t++) {
         const int64_t o0 = t * ROWS_PER_TASK, o1 = o0 + ROWS_PER_TASK < out ? o0 + ROWS_PER_TASK : out;
 #if defined(__x86_64__) || defined(__i386__)

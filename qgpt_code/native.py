@@ -37,6 +37,7 @@ SIGNATURES = {
     "quant_activations": [_pointer, _int64] + [_pointer] * 4,
     "quant_best_isa": [],
     "quant_block_bytes": [_int64],
+    "quant_set_threads": [_int64],
 }
 RETURNS_INT = {"quant_matmul", "quant_best_isa", "quant_block_bytes"}  # the others return nothing
 

@@ -261,3 +261,21 @@ def test_the_build_is_cached_per_source(monkeypatch, tmp_path):
     edited.write_text("this is not C")
     with pytest.raises(native.NativeBuildError, match="failed"):
         native.build()
+
+
+def test_the_thread_tuner_keeps_the_faster_choice_and_retries_the_other():
+    """Steps are timed with every core (0) and one (1) per batch size; the faster is kept, the
+    slower retried after RETRY_EVERY steps times how much slower it was (at most RETRY_AT_MOST)."""
+    from qgpt_code.cpu_decode import ThreadTuner
+
+    calls = []
+    tuner = ThreadTuner(type("Kernels", (), {"quant_set_threads": staticmethod(calls.append)})())
+    assert tuner.choose(1) is None  # a batch size's first step allocates: not timed
+    assert tuner.choose(1) == 0
+    tuner.record(1, 0, 0.100)
+    assert tuner.choose(1) == 1
+    tuner.record(1, 1, 0.020)  # one thread: 5x faster (a busy machine)
+    choices = [tuner.choose(1) for _ in range(400)]
+    assert choices[0] == 0 and choices[1:160] == [1] * 159 and choices[160] == 0  # retried 32 * 5 steps later
+    assert tuner.choose(8) is None and tuner.choose(8) == 0  # each batch size on its own
+    assert calls[-1] == 0 and set(calls) == {0, 1}
