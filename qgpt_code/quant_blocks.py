@@ -38,9 +38,11 @@ QUANTIZE_CHOICES = {"int8": "Q8_0", "int4": "Q4_0"}  # --quantize on the CPU
 ISA_NAMES = {-1: "best", 0: "portable", 1: "avx2", 2: "avx512"}
 METHODS = {"auto": 0, "integer": 1, "float": 2}  # quant_matmul's ways to multiply (cpu_kernels.c)
 
-# Products with at most this many rows of activations use the integer kernels; more rows dequantize
-# into float32 and use BLAS. Measured on SmolLM2 (bench/decode_cpu.py --rows): see docs/models.md.
-INT_KERNEL_MAX_ROWS = 16
+# Products with at most this many rows of activations read the blocks in the C kernels; more rows
+# dequantize slices into float32 for BLAS. Measured on SmolLM2's w13 (3072 x 576, Q4_1), one thread,
+# kernel / BLAS path: 16 rows 0.34 / 3.8 ms, 32 rows 2.4 / 5.0 ms, 64 rows 7.1 / 10.3 ms (a busy
+# machine: rough); dequantizing writes 4 bytes per weight, which a short prompt does not repay.
+INT_KERNEL_MAX_ROWS = 64
 DEQUANTIZE_CHUNK = 1 << 21  # weights dequantized at once for a BLAS product (8 MiB of float32)
 
 
