@@ -286,3 +286,21 @@ def _kill_group(proc) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
+
+
+def test_torchrun_a_rank_that_cannot_load_stops_every_rank_with_one_line(meta_dir, tmp_path):
+    """Rank 1's shard is damaged: rank 0 (which read only its own) says which rank failed and why, exit 1."""
+    import shutil
+    import subprocess
+
+    broken = shutil.copytree(meta_dir, tmp_path / "broken")
+    (broken / "consolidated.01.pth").write_bytes(b"not a checkpoint")
+    proc = torchrun("complete", "--model", str(broken), "--device", "cpu", "--max-tokens", "4", PROMPT,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        _kill_group(proc)
+    assert proc.returncode != 0 and out == b""
+    assert "qgpt: error: rank 1 of 2 could not load the model: " in err.decode()
+    assert "consolidated.01.pth: cannot read checkpoint shard" in err.decode()

@@ -98,6 +98,7 @@ class Leader:
         self.stopped = False
         self.out_of_step: str | None = None  # why the ranks may no longer be at the same collective
         self._last_sent = time.monotonic()
+        self._stopping = threading.Event()
         self._pinger = threading.Thread(target=self._ping, args=(ping_seconds,), name="qgpt-tp-ping", daemon=True)
         self._pinger.start()
 
@@ -122,8 +123,7 @@ class Leader:
                 raise
 
     def _ping(self, seconds: float) -> None:
-        while True:
-            time.sleep(seconds / 4)
+        while not self._stopping.wait(seconds / 4):
             with self.lock:
                 if self.stopped or self.out_of_step:
                     return
@@ -173,7 +173,12 @@ class Leader:
             return LeaderDecode(self, inner)
 
     def stop(self) -> None:
-        """Tell the followers to exit (once; a follower already gone is not an error here)."""
+        """Tell the followers to exit (once; a follower already gone is not an error here). The pinging
+        thread is joined: a daemon thread still alive when the interpreter finalizes can abort the
+        process ("terminate called without an active exception")."""
+        self._stopping.set()
+        if self._pinger is not threading.current_thread():
+            self._pinger.join(timeout=10)
         with self.lock:
             if self.stopped or self.out_of_step:
                 self.stopped = True
