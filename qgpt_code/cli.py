@@ -139,11 +139,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return eval_main(argv[1:])
         args = build_parser().parse_args(argv)
-        from qgpt_code.distributed.launch import follower_main, is_follower
+        from qgpt_code.distributed.launch import follower_main, is_follower, shutdown_leader
 
         if is_follower():  # under torchrun: ranks other than 0 only compute (docs/scale.md)
             return follower_main(args)
-        return args.run(args)
+        try:
+            return args.run(args)
+        finally:
+            shutdown_leader()  # under torchrun, rank 0: the other ranks stop with it
     except QGPTError as exc:
         print(f"qgpt: error: {exc}", file=sys.stderr)
         return 1

@@ -20,6 +20,7 @@ from datetime import timedelta
 from qgpt_code.errors import QGPTError
 
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)  # an idle leader pings every minute (runner.PING_SECONDS)
+_shutdown_leader = None  # set by load_leader: stops the followers and leaves the group (idempotent)
 
 
 def world_size() -> int:
@@ -111,10 +112,16 @@ def load_leader(args: argparse.Namespace, progress=None):
     leader = Leader(model, Link(device))
 
     def stop() -> None:
+        global _shutdown_leader
+        if _shutdown_leader is None:
+            return
+        _shutdown_leader = None
         leader.stop()
         dist.destroy_process_group()
 
-    atexit.register(stop)
+    global _shutdown_leader
+    _shutdown_leader = stop
+    atexit.register(stop)  # a backstop: the CLI calls shutdown_leader when its command ends
     if threading.current_thread() is threading.main_thread():
         # SIGTERM (torchrun passes it on) ends rank 0 through SystemExit, so that `finally` blocks (the
         # engine's close) and the atexit STOP run; uvicorn restores this handler and re-raises the signal
@@ -123,6 +130,13 @@ def load_leader(args: argparse.Namespace, progress=None):
     tokenizer = _tokenizer(args, info)
     check_tokenizer_fits(tokenizer, info.args, getattr(tokenizer, "source", str(path)))
     return LoadedModel(model=LeaderModel(model, leader), tokenizer=tokenizer, info=info)
+
+
+def shutdown_leader() -> None:
+    """On rank 0, once its command has ended (returned, raised, or was signalled): the other ranks stop.
+    Called by the CLI itself, since a one-shot command may end in os._exit, where atexit never runs."""
+    if _shutdown_leader is not None:
+        _shutdown_leader()
 
 
 def _exit_on_sigterm(signum, frame) -> None:
@@ -164,7 +178,7 @@ def follower_main(args: argparse.Namespace) -> int:
     try:
         follow(model, Link(device), rank())
     except Exception as exc:  # rank 0 is gone (its end of the connection closed)
-        print(f"qgpt: rank {rank()}: rank 0 went away ({type(exc).__name__}); exiting", file=sys.stderr)
+        print(f"qgpt: rank {rank()}: rank 0 went away ({type(exc).__name__}: {str(exc)[:300]}); exiting", file=sys.stderr)
         return 1
     dist.destroy_process_group()
     print(f"qgpt: rank {rank()} of {world_size()}: stopped by rank 0", file=sys.stderr, flush=True)
