@@ -74,6 +74,8 @@ def _load_slice(args: argparse.Namespace, device, progress=None):
 
     error = model = info = None
     try:
+        if args.quantize not in (None, "int8"):
+            raise QGPTError(f"--quantize {args.quantize} is not supported with tensor parallelism yet (int8 is)")
         path = resolve_model_path(args.model)
         info, layout, pieces = read_rank_checkpoint(path, rank(), world_size())
         model = build_rank_model(layout, pieces, device, resolve_dtype(args.dtype, device), progress)
@@ -81,8 +83,6 @@ def _load_slice(args: argparse.Namespace, device, progress=None):
             from qgpt_code.distributed.modules import quantize_sharded_int8
 
             quantize_sharded_int8(model)
-        elif args.quantize:
-            raise QGPTError(f"--quantize {args.quantize} is not supported with tensor parallelism yet (int8 is)")
     except QGPTError as exc:
         error = str(exc)
     except Exception as exc:  # every rank must hear of it, or the others wait forever
