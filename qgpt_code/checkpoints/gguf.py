@@ -15,6 +15,7 @@ transformers' own GGUF loader (which re-permutes to HF's order) is the proof.
 from __future__ import annotations
 
 import mmap
+import os
 import re
 import struct
 from collections import Counter
@@ -426,8 +427,9 @@ def load(
     else:
         tok = tokenizer
     check_tokenizer_fits(tok, info.args, getattr(tok, "source", str(path)))
-    if keep_quantized is None:
-        keep_quantized = torch.device(device).type == "cpu" and dtype == torch.float32
+    if keep_quantized is None:  # QGPT_GGUF_DEQUANTIZE=1: the float32 path (comparisons, a suspected kernel bug)
+        keep_quantized = (torch.device(device).type == "cpu" and dtype == torch.float32
+                          and os.environ.get("QGPT_GGUF_DEQUANTIZE") != "1")
     elif keep_quantized and not (torch.device(device).type == "cpu" and dtype == torch.float32):
         raise CheckpointError(f"{path}: quantized weights are kept only on the CPU in float32, not {device} {dtype}")
     model = build_model(info.args, iter_tensors(file, info.args, keep_quantized), device, dtype, progress)
