@@ -148,11 +148,11 @@ def sampling_from_args(args: argparse.Namespace):
 
 def engine_from_args(args: argparse.Namespace, loaded):
     """A serving Engine over `loaded`, sized by the engine options."""
-    from qgpt_code.distributed.launch import world_size
+    from qgpt_code.distributed.launch import tensor_parallel
     from qgpt_code.engine import Engine
 
     # Guesses are not yet verified across tensor-parallel ranks (docs/scale.md).
-    speculate = getattr(args, "speculate", "off") == "ngram" and world_size() == 1
+    speculate = getattr(args, "speculate", "off") == "ngram" and not tensor_parallel()
 
     engine = Engine(loaded, max_batch=args.max_batch, max_queue=args.max_queue,
                     cache_bytes=args.cache_bytes, max_seq_len=args.max_seq_len,
