@@ -23,6 +23,8 @@ guesses fail.
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 
 MAX_NGRAM = 4  # longest suffix looked up
@@ -30,6 +32,8 @@ MIN_NGRAM = 2  # shorter matches guess wrong too often to pay for their rows
 MAX_GUESSES = 8  # tokens guessed per step at most
 FIRST_ACCEPTANCE = 0.6  # a sequence's acceptance estimate before any guess was checked
 ACCEPTANCE_MEMORY = 4  # guesses' worth of weight the past keeps against a new step's outcome
+STEPS_KEPT = 32  # recent step times kept per row count
+MIN_STEPS = 3  # a row count's steps needed before its median counts
 RECOVERY = 0.05  # per step without guesses, the share of the way back to FIRST_ACCEPTANCE
 
 
@@ -62,27 +66,30 @@ class NgramIndex:
 
 @dataclass
 class RowCost:
-    """What one more decode row costs, as a fraction of a one-row step: fitted to the steps' measured
-    times (seconds = base + per_row * rows, least squares with a decaying memory). Where reading the
-    weights dominates (a GPU, or a small model's float weights on the CPU) a row is nearly free; where
-    arithmetic dominates (a large batch, quantized weights on the CPU) it is not, and guessing stops."""
+    """What one more decode row costs, as a fraction of a one-row step, from the steps' measured times:
+    the median of each row count's recent steps (a step slowed by another process on the machine does
+    not move it), then seconds = base + per_row * rows fitted through them. Where reading the weights
+    dominates (a GPU at small batch, a small model on the CPU) a row is nearly free; where arithmetic
+    dominates (a large batch) it is not, and guessing stops."""
 
-    prior: float = 0.25  # until steps of different sizes have been seen
-    decay: float = 0.98
-    sums: list[float] = field(default_factory=lambda: [0.0] * 5)  # n, x, y, xx, xy
+    prior: float = 0.25  # until steps of two sizes have been seen enough
+    recent: dict[int, deque] = field(default_factory=dict)  # rows -> the last STEPS_KEPT step times
 
     def observe(self, rows: int, seconds: float) -> None:
-        n, x, y, xx, xy = (value * self.decay for value in self.sums)
-        self.sums = [n + 1, x + rows, y + seconds, xx + rows * rows, xy + rows * seconds]
+        self.recent.setdefault(rows, deque(maxlen=STEPS_KEPT)).append(seconds)
 
     @property
     def fraction(self) -> float:
-        n, x, y, xx, xy = self.sums
-        spread = n * xx - x * x
-        if n < 4 or spread < 0.5 * n:  # not enough steps, or all of about one size
+        points = [(rows, statistics.median(times), len(times))
+                  for rows, times in self.recent.items() if len(times) >= MIN_STEPS]
+        if len(points) < 2:
             return self.prior
-        per_row = (n * xy - x * y) / spread
-        base = (y - per_row * x) / n
+        n = sum(w for _, _, w in points)
+        x = sum(w * r for r, _, w in points) / n
+        y = sum(w * t for _, t, w in points) / n
+        spread = sum(w * (r - x) ** 2 for r, _, w in points)
+        per_row = sum(w * (r - x) * (t - y) for r, t, w in points) / spread
+        base = y - per_row * x
         return min(1.0, max(0.02, per_row / max(base + per_row, 1e-9)))
 
 
