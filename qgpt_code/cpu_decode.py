@@ -139,13 +139,13 @@ class ThreadTuner:
     never changes results: every output is computed by one thread, in the same order."""
 
     RETRY_EVERY = 32  # steps between tries of the slower choice, times how many times slower it was
-    RETRY_AT_MOST = 1024  # steps: a machine that has become quiet is noticed within ~20 s of decoding
+    RETRY_AT_MOST = 256  # steps: the load here flips within seconds (a step read 400 ms, then 4 ms)
 
     def __init__(self, kernels: ctypes.CDLL):
         self.set_threads = kernels.quant_set_threads
         self.seconds: dict[tuple[int, int], float] = {}  # (batch, threads: 0 all, 1 one) -> average
         self.next_retry: dict[int, int] = {}
-        self.steps = 0
+        self.steps, self.retrying = 0, False
 
     def choose(self, batch: int) -> int | None:
         """The choice for this step (None: a batch size's first step, which allocates: not timed)."""
@@ -155,11 +155,12 @@ class ThreadTuner:
             self.set_threads(0)
             return None
         every, one = self.seconds.get((batch, 0)), self.seconds.get((batch, 1))
+        self.retrying = False
         if every is None or one is None:
             choice = 0 if every is None else 1
         else:
             best = 0 if every <= one else 1
-            retry = self.steps >= self.next_retry.get(batch, 0)
+            retry = self.retrying = self.steps >= self.next_retry.get(batch, 0)
             choice = 1 - best if retry else best
             if retry:
                 slower = max(every, one) / min(every, one)
@@ -168,10 +169,12 @@ class ThreadTuner:
         return choice
 
     def record(self, batch: int, choice: int | None, seconds: float) -> None:
+        """A retried choice's time replaces its old one (a past spike must not keep it out); the
+        choice in use is averaged."""
         if choice is None:
             return
         old = self.seconds.get((batch, choice))
-        self.seconds[(batch, choice)] = seconds if old is None else 0.75 * old + 0.25 * seconds
+        self.seconds[(batch, choice)] = seconds if old is None or self.retrying else 0.75 * old + 0.25 * seconds
 
 
 class NativeCpuDecode:

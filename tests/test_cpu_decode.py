@@ -279,3 +279,16 @@ def test_the_thread_tuner_keeps_the_faster_choice_and_retries_the_other():
     assert choices[0] == 0 and choices[1:160] == [1] * 159 and choices[160] == 0  # retried 32 * 5 steps later
     assert tuner.choose(8) is None and tuner.choose(8) == 0  # each batch size on its own
     assert calls[-1] == 0 and set(calls) == {0, 1}
+
+
+def test_a_retried_choice_s_new_time_replaces_a_spike():
+    from qgpt_code.cpu_decode import ThreadTuner
+
+    tuner = ThreadTuner(type("Kernels", (), {"quant_set_threads": staticmethod(lambda n: None)})())
+    tuner.choose(1)
+    tuner.record(1, tuner.choose(1), 0.400)  # every core, during a spike of load
+    tuner.record(1, tuner.choose(1), 0.006)  # one
+    while (choice := tuner.choose(1)) != 0:
+        tuner.record(1, choice, 0.006)
+    tuner.record(1, 0, 0.004)  # the retry: the machine is quiet again
+    assert tuner.choose(1) == 0
