@@ -101,8 +101,11 @@ def test_non_llama_architecture(tmp_path):
 
 def test_unsupported_llama_variants(tmp_path, tiny_gguf):
     scaled = tmp_path / "rope-scaled.gguf"
-    write_llama_gguf(scaled, hf_llama({}), None, extra={"llama.rope.scaling.type": "linear"})
-    assert "rotary scaling (linear) is not supported" in load_error(scaled)
+    write_llama_gguf(scaled, hf_llama({}), None, extra={"llama.rope.scaling.type": "yarn"})
+    assert "rotary scaling (yarn) is not supported" in load_error(scaled)
+    unscaled = tmp_path / "rope-linear-no-factor.gguf"
+    write_llama_gguf(unscaled, hf_llama({}), None, extra={"llama.rope.scaling.type": "linear"})
+    assert "needs a positive llama.rope.scaling.factor" in load_error(unscaled)
     moe = tmp_path / "moe.gguf"
     write_llama_gguf(moe, hf_llama({}), None, extra={"llama.expert_count": 8})
     assert "mixture-of-experts" in load_error(moe)

@@ -88,3 +88,18 @@ def copy_checkpoint(path, directory, config: dict):
         (directory / file.name).write_bytes(file.read_bytes())
     (directory / "config.json").write_text(json.dumps(config))
     return directory
+
+
+def test_a_gguf_file_with_linear_scaling_matches_transformers(scaled, tmp_path, sp_proto):
+    from gguf_builders import sentencepiece_metadata, write_llama_gguf
+
+    hf, _ = scaled
+    path = tmp_path / "linear.gguf"
+    write_llama_gguf(path, hf, sentencepiece_metadata(sp_proto),
+                     extra={"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0})
+    ours = load_model(path, device="cpu", dtype="float32")
+    assert ours.model.args.rope_scaling_factor == 4.0
+    tokens = tokens_of(300)
+    with torch.no_grad():
+        difference = (ours.model(tokens, torch.arange(300).expand(2, 300)) - hf(tokens).logits).abs().max().item()
+    assert difference <= TOLERANCE

@@ -272,9 +272,16 @@ def read_args(file: GGUFFile) -> ModelArgs:
     if file.get("llama.expert_count", 0):
         raise CheckpointError(f"{path}: mixture-of-experts models (llama.expert_count) are not supported")
     scaling = file.get("llama.rope.scaling.type", "none")
-    if scaling != "none" or "rope_freqs.weight" in file.tensors:
+    if scaling not in ("none", "linear") or "rope_freqs.weight" in file.tensors:
         kind = scaling if scaling != "none" else "llama3 frequency factors (rope_freqs)"
-        raise CheckpointError(f"{path}: rotary scaling ({kind}) is not supported")
+        raise CheckpointError(f"{path}: rotary scaling ({kind}) is not supported; only 'linear' (position "
+                              "interpolation) is")
+    rope_scaling_factor = 1.0
+    if scaling == "linear":  # positions divided by the factor (llama.cpp writes it from HF rope_scaling)
+        rope_scaling_factor = key("rope.scaling.factor", 0.0)
+        if not rope_scaling_factor > 0:
+            raise CheckpointError(f"{path}: linear rotary scaling needs a positive llama.rope.scaling.factor, "
+                                  f"got {rope_scaling_factor}")
 
     dim, n_heads = key("embedding_length"), key("attention.head_count")
     if n_heads <= 0:
@@ -296,6 +303,7 @@ def read_args(file: GGUFFile) -> ModelArgs:
             head_dim=head_dim,
             norm_eps=_decimal(key("attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=_decimal(key("rope.freq_base", 10000.0)),
+            rope_scaling_factor=_decimal(rope_scaling_factor),
             max_seq_len=key("context_length", 4096),
             tie_embeddings="output.weight" not in file.tensors,  # llama.cpp reuses token_embd then
         )
