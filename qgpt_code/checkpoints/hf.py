@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from qgpt_code.checkpoints.assemble import NamedTensors, meta_name
 from qgpt_code.config import ModelArgs, read_json
@@ -81,7 +81,9 @@ def iter_tensors(path: Path, args: ModelArgs) -> NamedTensors:
     return _iter(path, args)
 
 
-def _iter(path: Path, args: ModelArgs) -> Iterator[tuple[str, torch.Tensor, Path]]:
+def stored_tensors(path: Path, args: ModelArgs) -> Iterator[tuple[Path, Any, str, str]]:
+    """(file, its open safetensors handle, the HF name, our name) for each tensor the model needs, in
+    file order: ignored names skipped, an unknown one refused, a tied model's stored lm_head skipped."""
     from safetensors import SafetensorError, safe_open
 
     for file in safetensors_files(path):
@@ -98,11 +100,18 @@ def _iter(path: Path, args: ModelArgs) -> Iterator[tuple[str, torch.Tensor, Path
                 raise CheckpointError(f"{file}: unknown tensor {hf_name!r} for a llama model")
             if name == "output.weight" and args.tie_embeddings:
                 continue  # a tied model may still store lm_head; it equals the embedding
-            try:
-                tensor = handle.get_tensor(hf_name)
-            except (SafetensorError, OSError) as exc:
-                raise CheckpointError(f"{file}: cannot read tensor {hf_name!r} ({exc})") from None
-            heads = {"wq": args.n_heads, "wk": args.n_kv_heads}.get(name.split(".")[-2])
-            if heads and tuple(tensor.shape) == (heads * args.head_dim, args.dim):
-                tensor = unpermute_rotary(tensor, heads)  # a wrong shape is reported by build_model
-            yield name, tensor, file
+            yield file, handle, hf_name, name
+
+
+def _iter(path: Path, args: ModelArgs) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    from safetensors import SafetensorError
+
+    for file, handle, hf_name, name in stored_tensors(path, args):
+        try:
+            tensor = handle.get_tensor(hf_name)
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{file}: cannot read tensor {hf_name!r} ({exc})") from None
+        heads = {"wq": args.n_heads, "wk": args.n_kv_heads}.get(name.split(".")[-2])
+        if heads and tuple(tensor.shape) == (heads * args.head_dim, args.dim):
+            tensor = unpermute_rotary(tensor, heads)  # a wrong shape is reported by build_model
+        yield name, tensor, file

@@ -88,39 +88,24 @@ def _meta_pieces(files: list[Path], layout: TPLayout) -> Pieces:
 
 
 def _hf_pieces(path: Path, layout: TPLayout) -> Pieces:
-    from safetensors import SafetensorError, safe_open
-
     args, local = layout.args, layout.local_args
     shapes = {name: slot.shape for name, slot in checkpoint_layout(args).items()}
-    for file in hf.safetensors_files(path):
-        try:
-            handle = safe_open(str(file), framework="pt")
-            names = list(handle.keys())
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{file}: cannot read safetensors file ({exc})") from None
-        for hf_name in names:
-            if hf.IGNORED.search(hf_name):
-                continue
-            name = hf.our_name(hf_name)
-            if name is None:
-                raise CheckpointError(f"{file}: unknown tensor {hf_name!r} for a llama model")
-            if name == "output.weight" and args.tie_embeddings:
-                continue
-            tensor_slice = handle.get_slice(hf_name)
-            shape = tuple(tensor_slice.get_shape())
-            if name in shapes and shape != shapes[name]:
-                raise CheckpointError(f"{file}: tensor {name!r} has shape {shape}, expected {shapes[name]}")
-            piece = layout.piece(name)
-            if piece is None:
-                tensor = tensor_slice[:]
-            elif piece.dim == 0:
-                tensor = tensor_slice[piece.start : piece.stop]
-            else:
-                tensor = tensor_slice[:, piece.start : piece.stop]
-            heads = {"wq": local.n_heads, "wk": local.n_kv_heads}.get(name.split(".")[-2])
-            if heads:  # HF's rotary row order is per head: whole heads slice, then unpermute
-                tensor = hf.unpermute_rotary(tensor, heads)
-            yield name, tensor, file
+    for file, handle, hf_name, name in hf.stored_tensors(path, args):
+        tensor_slice = handle.get_slice(hf_name)
+        shape = tuple(tensor_slice.get_shape())
+        if name in shapes and shape != shapes[name]:
+            raise CheckpointError(f"{file}: tensor {name!r} has shape {shape}, expected {shapes[name]}")
+        piece = layout.piece(name)
+        if piece is None:
+            tensor = tensor_slice[:]
+        elif piece.dim == 0:
+            tensor = tensor_slice[piece.start : piece.stop]
+        else:
+            tensor = tensor_slice[:, piece.start : piece.stop]
+        heads = {"wq": local.n_heads, "wk": local.n_kv_heads}.get(name.split(".")[-2])
+        if heads:  # HF's rotary row order is per head: whole heads slice, then unpermute
+            tensor = hf.unpermute_rotary(tensor, heads)
+        yield name, tensor, file
 
 
 def _narrowed(tensors, layout: TPLayout) -> Pieces:
