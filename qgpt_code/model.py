@@ -10,7 +10,6 @@ sit at its own position, which is what continuous batching needs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 import qgpt_code.kv_cache as kv_cache
 from qgpt_code.config import ModelArgs
-from qgpt_code.kv_cache import ROOT, BlockPool, BlockTable, KVCache
+from qgpt_code.kv_cache import BlockPool, BlockTable, KVCache
 
 ARGS = ModelArgs(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=64, multiple_of=16)
 BS = 4  # small blocks keep the token lists readable
