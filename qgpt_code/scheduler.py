@@ -38,6 +38,7 @@ from qgpt_code.speculative import RowCost, Speculation, accepted_prefix
 from qgpt_code.tokenizer import Tokenizer
 
 _ids = itertools.count()
+EXPLORE_EVERY = 64  # decode steps between guesses made at the prior row cost
 
 
 @dataclass(eq=False)
@@ -119,6 +120,7 @@ class Scheduler:
         # batch alone fills the step, nothing is guessed (compute, not weight reads, would bind).
         self.speculate = speculate
         self.row_cost = RowCost()  # what an extra decode row costs here, measured as steps run
+        self.decode_steps = 0
         self.tokens_proposed = 0  # guessed tokens fed to the model
         self.tokens_accepted = 0  # of those, confirmed by the model's own choice
 
@@ -277,7 +279,10 @@ class Scheduler:
         """Each sequence's guessed next tokens, within the rows the step has spare, the sequence's
         budget, the context and the blocks the pool can give (a guess never preempts anyone)."""
         spare = self.max_batch - len(seqs) if self.speculate else 0
-        row_cost = self.row_cost.fraction
+        self.decode_steps += 1
+        # Now and then guess at the prior cost: an estimate made while the machine was busy, or before a
+        # change of batch, would otherwise keep guessing off for good (only guesses measure rows).
+        row_cost = self.row_cost.prior if self.decode_steps % EXPLORE_EVERY == 0 else self.row_cost.fraction
         guesses = []
         for seq in seqs:
             limit = min(spare, seq.text.budget - 1, self.context - seq.computed - 1)

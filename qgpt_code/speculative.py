@@ -32,7 +32,7 @@ MIN_NGRAM = 2  # shorter matches guess wrong too often to pay for their rows
 MAX_GUESSES = 8  # tokens guessed per step at most
 FIRST_ACCEPTANCE = 0.6  # a sequence's acceptance estimate before any guess was checked
 ACCEPTANCE_MEMORY = 4  # guesses' worth of weight the past keeps against a new step's outcome
-STEPS_KEPT = 32  # recent step times kept per row count
+STEPS_KEPT = 16  # recent step times kept per row count
 MIN_STEPS = 3  # a row count's steps needed before its median counts
 RECOVERY = 0.05  # per step without guesses, the share of the way back to FIRST_ACCEPTANCE
 

@@ -272,3 +272,19 @@ def test_generate_speculates_with_rows_to_spare_for_one_prompt(tiny_loaded):
         outputs[speculate] = (tokens, steps)
     assert_same_greedy(tiny_loaded, prompt, outputs[False][0], outputs[True][0])
     assert outputs[True][1] < outputs[False][1]  # fewer steps for the same tokens: guesses held
+
+
+def test_guessing_switched_off_by_dear_rows_is_tried_again_now_and_then(tiny_loaded):
+    from qgpt_code.scheduler import EXPLORE_EVERY
+
+    prompt = repetitive_prompts(random.Random(5), 1)[0]
+    with Engine(tiny_loaded, max_batch=8, max_seq_len=256, cache_bytes=small_budget(tiny_loaded, 4, 256),
+                speculate=True) as engine:
+        for _ in range(3):  # as measured on a busy machine: a row costs a whole step
+            engine.scheduler.row_cost.observe(1, 0.010)
+            engine.scheduler.row_cost.observe(8, 0.080)
+        assert engine.scheduler.row_cost.fraction == pytest.approx(1.0)
+        engine.submit(Request(prompt, SamplingParams(max_new_tokens=2 * EXPLORE_EVERY + 8, temperature=0,
+                                                     ignore_eos=True))).result()
+        stats = engine.stats()
+    assert 0 < stats.tokens_proposed
