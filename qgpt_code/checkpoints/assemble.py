@@ -84,35 +84,8 @@ def build_model(
     import torch
 
     from qgpt_code.model import Transformer, checkpoint_layout
-    from qgpt_code.quant_blocks import BlockTensor
 
-    layout = checkpoint_layout(args)
-    param_rows: dict[str, int] = {}  # a fused parameter is as tall as its last slot's end
-    for slot in layout.values():
-        param_rows[slot.param] = max(param_rows.get(slot.param, 0), slot.stop)
-    params: dict[str, torch.Tensor] = {}
-    blocks: dict[str, list[tuple[int, BlockTensor]]] = {}  # param -> (first row, quantized part)
-    filled: set[str] = set()
-    for name, tensor, source in tensors:
-        slot = layout.get(name)
-        if slot is None:
-            raise CheckpointError(f"{source}: unexpected tensor {name!r} for this architecture")
-        if tuple(tensor.shape) != slot.shape:
-            raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {slot.shape}")
-        if isinstance(tensor, BlockTensor):
-            blocks.setdefault(slot.param, []).append((slot.start, tensor))
-        else:
-            if slot.param not in params:
-                shape = (param_rows[slot.param], *slot.shape[1:])
-                params[slot.param] = allocate_param(slot.param, shape, args, device, dtype)
-            params[slot.param][slot.start : slot.stop].copy_(tensor)  # converts dtype and device in one go
-        filled.add(name)
-        if progress:
-            progress(len(filled), len(layout))
-    missing = sorted(set(layout) - filled)
-    if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise CheckpointError(f"checkpoint is missing tensor(s) {shown}")
+    params, blocks = fill_parameters(checkpoint_layout(args), tensors, args, device, dtype, progress)
     modules = _block_modules(args, blocks, params)
     with torch.device("meta"):
         model = Transformer(args)
@@ -126,6 +99,45 @@ def build_model(
         setattr(model.get_submodule(parent) if parent else model, child, module)
     model.init_rope()
     return model.eval().requires_grad_(False)
+
+
+def fill_parameters(
+    slots: dict, tensors: NamedTensors, args: ModelArgs, device: torch.device, dtype: torch.dtype,
+    progress: Progress | None = None,
+) -> tuple[dict, dict]:
+    """Check each tensor against its slot (name -> CheckpointSlot: which parameter, which rows, what
+    shape) and copy it into that parameter, allocated on `device` when its first part arrives; refuse
+    an unknown or missing tensor. Returns (parameter name -> tensor, parameter name -> [(first row,
+    BlockTensor)] for the parts that came as quantized blocks, which are kept as they are)."""
+    from qgpt_code.quant_blocks import BlockTensor
+
+    param_rows: dict[str, int] = {}  # a fused parameter is as tall as its last slot's end
+    for slot in slots.values():
+        param_rows[slot.param] = max(param_rows.get(slot.param, 0), slot.stop)
+    params: dict[str, torch.Tensor] = {}
+    blocks: dict[str, list[tuple[int, BlockTensor]]] = {}  # param -> (first row, quantized part)
+    filled: set[str] = set()
+    for name, tensor, source in tensors:
+        slot = slots.get(name)
+        if slot is None:
+            raise CheckpointError(f"{source}: unexpected tensor {name!r} for this architecture")
+        if tuple(tensor.shape) != slot.shape:
+            raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {slot.shape}")
+        if isinstance(tensor, BlockTensor):
+            blocks.setdefault(slot.param, []).append((slot.start, tensor))
+        else:
+            if slot.param not in params:
+                shape = (param_rows[slot.param], *slot.shape[1:])
+                params[slot.param] = allocate_param(slot.param, shape, args, device, dtype)
+            params[slot.param][slot.start : slot.stop].copy_(tensor)  # converts dtype and device in one go
+        filled.add(name)
+        if progress:
+            progress(len(filled), len(slots))
+    missing = sorted(set(slots) - filled)
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise CheckpointError(f"checkpoint is missing tensor(s) {shown}")
+    return params, blocks
 
 
 def _block_modules(args: ModelArgs, blocks: dict, params: dict) -> dict:

@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 
 from qgpt_code.checkpoints import detect_format, hf, meta
-from qgpt_code.checkpoints.assemble import ModelInfo, Progress, allocate_param
+from qgpt_code.checkpoints.assemble import ModelInfo, Progress, fill_parameters
 from qgpt_code.distributed.layout import TPLayout, local_shape
 from qgpt_code.distributed.modules import shard_transformer
 from qgpt_code.errors import CheckpointError
@@ -134,29 +134,9 @@ def build_rank_model(layout: TPLayout, pieces: Pieces, device: torch.device, dty
                      progress: Progress | None = None) -> Transformer:
     """assemble.build_model for one rank: check each part against the rank's layout, copy it into its
     parameter on `device` (allocated once, there), assign the parameters to `shard_transformer`'s model."""
-    slots = rank_layout(layout)
-    rows: dict[str, int] = {}
-    for slot in slots.values():
-        rows[slot.param] = max(rows.get(slot.param, 0), slot.stop)
-    params: dict[str, torch.Tensor] = {}
-    filled: set[str] = set()
-    for name, tensor, source in pieces:
-        slot = slots.get(name)
-        if slot is None:
-            raise CheckpointError(f"{source}: unexpected tensor {name!r} for this architecture")
-        if tuple(tensor.shape) != slot.shape:
-            raise CheckpointError(f"{source}: tensor {name!r} part has shape {tuple(tensor.shape)}, expected {slot.shape}")
-        if slot.param not in params:
-            params[slot.param] = allocate_param(slot.param, (rows[slot.param], *slot.shape[1:]), layout.local_args,
-                                                device, dtype)
-        params[slot.param][slot.start : slot.stop].copy_(tensor)
-        filled.add(name)
-        if progress:
-            progress(len(filled), len(slots))
-    missing = sorted(set(slots) - filled)
-    if missing:
-        raise CheckpointError(f"checkpoint is missing tensor(s) {', '.join(missing[:3])}"
-                              + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+    params, blocks = fill_parameters(rank_layout(layout), pieces, layout.local_args, device, dtype, progress)
+    if blocks:  # the rank loaders hand over float parts only (GGUF under TP holds --dtype weights)
+        raise CheckpointError("quantized blocks cannot be split across tensor-parallel ranks")
     model = shard_transformer(layout)
     model.load_state_dict(params, strict=True, assign=True)
     model.init_rope()
