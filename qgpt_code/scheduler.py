@@ -291,7 +291,8 @@ class Scheduler:
                 continue
             if seq.speculation is None:
                 seq.speculation = Speculation()
-            seq.speculation.sync(seq.tokens(0, len(seq.prompt) + len(seq.generated)))
+            index = seq.speculation.index  # indexes the tokens it has not seen yet (not all, every step)
+            index.extend(seq.tokens(len(index.tokens), len(seq.prompt) + len(seq.generated)))
             guessed = seq.speculation.propose(limit, row_cost)
             if guessed and not self.pool.reserve(seq.table, 1 + len(guessed)):
                 room = len(seq.table.blocks) * self.pool.block_size - seq.computed - 1

@@ -116,11 +116,6 @@ class Speculation:
     proposed: int = 0
     accepted: int = 0
 
-    def sync(self, tokens: list[int]) -> None:
-        """Index whatever of `tokens` (prompt + generated) it has not seen yet."""
-        if len(tokens) > len(self.index.tokens):
-            self.index.extend(tokens[len(self.index.tokens) :])
-
     def propose(self, limit: int, row_cost: float) -> list[int]:
         k = best_guess_length(self.acceptance, row_cost, min(limit, MAX_GUESSES))
         if not k:  # not worth a row now; drift back so that a sequence that starts copying is tried again

@@ -59,7 +59,7 @@ def test_acceptance_estimate_follows_outcomes_and_recovers_when_idle():
         state.record(4, 0)  # nothing held
     assert state.acceptance < 0.3
     low = state.acceptance
-    state.sync([1, 2, 3, 1, 2])
+    state.index.extend([1, 2, 3, 1, 2])
     assert state.propose(8, row_cost=0.33) == []  # not worth a row now ...
     assert state.acceptance > low  # ... but the estimate drifts back, to try again later
     assert (state.proposed, state.accepted) == (48, 24)
